@@ -1,0 +1,113 @@
+# relay - one plain GNU Makefile (STYLE.md 19).
+#
+#   make            build relayd, relayctl, the test tools and unit tests
+#   make run        install missing packages, build, run relayd on the
+#                   built-in default configuration in the foreground
+#   make test       install missing packages, build, run every test
+#   make asan       the same build with ASan+UBSan in build-asan/
+#   make test-asan  every test against the ASan+UBSan build
+#   make bench      submission benchmark (docs/BENCHMARKS.md)
+#   make install    PREFIX=/usr/local DESTDIR=
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BUILD   ?= build
+CC      ?= cc
+PKGS     = libuv openssl libcares libconfig
+
+WARN     = -Wall -Wextra -Wstrict-prototypes -Wmissing-prototypes -Wshadow \
+           -Wcast-qual -Wpointer-arith -Wno-unused-parameter -Werror
+CFLAGS  ?= -O2 -g
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -MMD -MP -I. $(WARN) $(CFLAGS) $(EXTRA_CFLAGS) \
+           $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LIBS     = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcrypt
+LDFLAGS ?=
+
+# Bottom layer: configuration and the shared runtime (util, log).
+SRCS_CONFIG += config/util.c
+SRCS_CONFIG += config/log.c
+SRCS_CONFIG += config/config.c
+SRCS_CONFIG += config/config_default.c
+
+SRCS_TLS += tls/tls.c
+
+SRCS_QUEUE += queue/envelope.c
+SRCS_QUEUE += queue/spool.c
+
+SRCS_RELAY += relay/conn.c
+SRCS_RELAY += relay/addrmap.c
+SRCS_RELAY += relay/smtp_parse.c
+SRCS_RELAY += relay/auth.c
+SRCS_RELAY += relay/smtps_session.c
+SRCS_RELAY += relay/listener.c
+SRCS_RELAY += relay/control.c
+SRCS_RELAY += relay/daemon.c
+
+LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_QUEUE) $(SRCS_RELAY)
+LIB_OBJS = $(LIB_SRCS:%.c=$(BUILD)/%.o)
+
+UNIT_TESTS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))
+TOOLS_BIN  = $(BUILD)/relayctl $(if $(wildcard tools/bench_submit.c),$(BUILD)/bench-submit)
+
+all: $(BUILD)/relayd $(TOOLS_BIN) $(UNIT_TESTS)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/librelay.a: $(LIB_OBJS)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/relayd: $(BUILD)/relay/main.o $(BUILD)/librelay.a
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/relayctl: $(BUILD)/tools/relayctl.o $(BUILD)/librelay.a
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/bench-submit: $(BUILD)/tools/bench_submit.o $(BUILD)/librelay.a
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(BUILD)/librelay.a
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+deps:
+	@tools/install-deps
+
+run: deps
+	$(MAKE) all
+	$(BUILD)/relayd -f -d
+
+test: deps
+	$(MAKE) all
+	BUILD=$(BUILD) tests/run
+
+asan:
+	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" LDFLAGS="-fsanitize=address,undefined" all
+
+test-asan: deps asan
+	BUILD=build-asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 tests/run
+
+bench: deps
+	$(MAKE) all
+	tools/bench-submit.sh
+
+check-style:
+	@tools/check-style
+
+install: $(BUILD)/relayd $(BUILD)/relayctl
+	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/bin \
+	    $(DESTDIR)$(PREFIX)/share/doc/relay
+	install -m 755 $(BUILD)/relayd $(DESTDIR)$(PREFIX)/sbin/relayd
+	install -m 755 $(BUILD)/relayctl $(DESTDIR)$(PREFIX)/bin/relayctl
+	install -m 644 config/relay.conf.example $(DESTDIR)$(PREFIX)/share/doc/relay/
+
+clean:
+	rm -rf build build-asan
+
+.PHONY: all deps run test asan test-asan bench check-style install clean
+.SECONDARY:
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,945 @@
+/*
+ * NAME
+ *	config.c - load, validate and reference-count the relay configuration
+ * SUMMARY
+ *	config_load(), config_load_string(), config_ref(), config_unref(),
+ *	config_net_match(), config_user_find()
+ * DESCRIPTION
+ *	libconfig only parses; this file owns the schema. Every value is
+ *	checked (type, range, syntax) and copied into a struct relay_config,
+ *	after which the libconfig tree is destroyed: nothing outside this file
+ *	ever sees a config_setting_t, and the snapshot owns all its memory.
+ *
+ *	The schema is one table, cfg_keys[]: (scope, key, kind, range, member
+ *	offset). cfg_apply() walks the members of a group in file order and
+ *	looks each one up there, so the unknown-key check and the copy are the
+ *	same pass and an error names the first bad line. An unknown key is an
+ *	error, not a warning: a misspelt limit that is silently ignored is
+ *	worse than a daemon that refuses to start. Lists of records (listeners,
+ *	users, networks, trace flags) have their own parsers.
+ *
+ *	Error policy: the first problem wins. Its text goes into the caller's
+ *	err buffer as "file:line: message" and the function returns
+ *	RELAY_ECONFIG (or -errno when the file itself cannot be read). A
+ *	partially built snapshot is freed before returning.
+ *
+ *	XXX libconfig 1.5 silently truncates an integer literal that does not
+ *	fit in 32 bits unless it carries the L suffix (5000000000 reads as
+ *	705032704). We cannot see the literal, so relay.conf.example says to
+ *	write large sizes with L.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <libconfig.h>
+
+#include "config/log.h"
+#include "config/util.h"
+#include "config/config.h"
+
+#define CFG_MAX_FILE	(1024 * 1024)	/* a bigger config file is a mistake */
+#define CFG_DAY_MS	(86400LL * 1000)	/* longest timeout */
+
+/* One load in progress: where messages go and what is being built. */
+struct cfg_parse {
+	const char *name;		/* file name when libconfig has none */
+	char *err;			/* caller's buffer, may be NULL */
+	size_t errlen;			/* size of err */
+	struct relay_config *cfg;	/* snapshot under construction */
+};
+
+/* How a value is checked and stored. */
+enum cfg_kind {
+	CFG_K_GROUP,	/* sub-group; its keys use the same base struct */
+	CFG_K_OTHER,	/* a list parsed by dedicated code after the walk */
+	CFG_K_STR,	/* char *, non-empty, replaces the default */
+	CFG_K_BOOL,	/* bool */
+	CFG_K_INT,	/* int in lo..hi, int or int64 literal */
+	CFG_K_U64,	/* uint64_t in lo..hi, int or int64 literal */
+	CFG_K_MS,	/* int ms; seconds given as int or float, lo..hi ms */
+	CFG_K_SEC,	/* int s; like CFG_K_MS, rounded to whole seconds */
+	CFG_K_MODE,	/* int permission bits from an octal string */
+	CFG_K_TLS,	/* enum cfg_tls_mode from its name */
+};
+
+/* One schema entry: a key inside a scope, stored at base + off. */
+struct cfg_key {
+	const char *scope;	/* NULL = top level, else group/list name */
+	const char *key;	/* setting name */
+	enum cfg_kind kind;	/* check and storage */
+	long long lo, hi;	/* inclusive range (ms for durations) */
+	size_t off;		/* offset in the base struct */
+};
+
+#define RC(m)	offsetof(struct relay_config, m)
+#define LS(m)	offsetof(struct cfg_listener, m)
+#define US(m)	offsetof(struct cfg_user, m)
+
+static const struct cfg_key cfg_keys[] = {
+	{ NULL, "hostname", CFG_K_STR, 0, 0, RC(hostname) },
+	{ NULL, "spool_dir", CFG_K_STR, 0, 0, RC(spool_dir) },
+	{ NULL, "control", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "tls", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "listeners", CFG_K_OTHER, 0, 0, 0 },
+	{ NULL, "users", CFG_K_OTHER, 0, 0, 0 },
+	{ NULL, "relay_networks", CFG_K_OTHER, 0, 0, 0 },
+	{ NULL, "limits", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "timeouts", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "auth", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "log", CFG_K_GROUP, 0, 0, 0 },
+	{ "control", "socket", CFG_K_STR, 0, 0, RC(control_socket) },
+	{ "control", "mode", CFG_K_MODE, 0, 0777, RC(control_mode) },
+	{ "tls", "certificate", CFG_K_STR, 0, 0, RC(tls_cert) },
+	{ "tls", "key", CFG_K_STR, 0, 0, RC(tls_key) },
+	{ "tls", "generate", CFG_K_BOOL, 0, 0, RC(tls_generate) },
+	{ "limits", "max_message_size", CFG_K_U64, 1024, 1LL << 40,
+	    RC(limits.max_message_size) },
+	{ "limits", "max_recipients", CFG_K_INT, 1, 100000,
+	    RC(limits.max_recipients) },
+	{ "limits", "max_connections", CFG_K_INT, 1, 1000000,
+	    RC(limits.max_connections) },
+	/* The upper bound is max_connections, checked after the walk. */
+	{ "limits", "max_connections_per_ip", CFG_K_INT, 1, 1000000,
+	    RC(limits.max_connections_per_ip) },
+	{ "limits", "max_line_length", CFG_K_INT, 512, 65536,
+	    RC(limits.max_line_length) },
+	{ "limits", "max_errors", CFG_K_INT, 1, 1000, RC(limits.max_errors) },
+	{ "timeouts", "command", CFG_K_MS, 1, CFG_DAY_MS,
+	    RC(timeouts.command_ms) },
+	{ "timeouts", "data", CFG_K_MS, 1, CFG_DAY_MS, RC(timeouts.data_ms) },
+	{ "timeouts", "tls_handshake", CFG_K_MS, 1, CFG_DAY_MS,
+	    RC(timeouts.tls_handshake_ms) },
+	{ "timeouts", "shutdown", CFG_K_MS, 1, CFG_DAY_MS,
+	    RC(timeouts.shutdown_ms) },
+	{ "auth", "failure_delay", CFG_K_MS, 0, 60 * 1000,
+	    RC(auth.failure_delay_ms) },
+	{ "auth", "max_failures", CFG_K_INT, 1, 1000, RC(auth.max_failures) },
+	{ "auth", "failure_window", CFG_K_SEC, 1000, CFG_DAY_MS,
+	    RC(auth.failure_window_s) },
+	{ "log", "syslog", CFG_K_BOOL, 0, 0, RC(log.syslog) },
+	{ "log", "trace", CFG_K_OTHER, 0, 0, 0 },
+	{ "listeners", "name", CFG_K_STR, 0, 0, LS(name) },
+	{ "listeners", "address", CFG_K_STR, 0, 0, LS(address) },
+	{ "listeners", "port", CFG_K_INT, 1, 65535, LS(port) },
+	{ "listeners", "tls", CFG_K_TLS, 0, 0, LS(tls) },
+	{ "listeners", "auth_required", CFG_K_BOOL, 0, 0, LS(auth_required) },
+	{ "users", "name", CFG_K_STR, 0, 0, US(name) },
+	{ "users", "password_hash", CFG_K_STR, 0, 0, US(hash) },
+};
+
+static const char *const cfg_tls_names[] = {
+	[CFG_TLS_NONE] = "none",
+	[CFG_TLS_STARTTLS] = "starttls",
+	[CFG_TLS_IMPLICIT] = "implicit",
+};
+
+/* log.trace names; "all" is a convenience for debugging sessions. */
+static const struct {
+	const char *name;
+	int flag;
+} cfg_trace_names[] = {
+	{ "smtp", TRACE_SMTP },
+	{ "io", TRACE_IO },
+	{ "spool", TRACE_SPOOL },
+	{ "dns", TRACE_DNS },
+	{ "dlv", TRACE_DLV },
+	{ "state", TRACE_STATE },
+	{ "all", TRACE_SMTP | TRACE_IO | TRACE_SPOOL | TRACE_DNS | TRACE_DLV |
+	    TRACE_STATE },
+};
+
+/* crypt(3) method prefixes we accept: anything else is probably plaintext. */
+static const char *const cfg_hash_ids[] = {
+	"$1$", "$5$", "$6$", "$y$", "$gy$", "$7$", "$2b$", "$2a$", "$2y$",
+};
+
+static int cfg_fail(struct cfg_parse *, const config_setting_t *,
+    const char *, ...) __attribute__((format(printf, 3, 4)));
+static int cfg_load_text(const char *, const char *, const char *,
+    struct relay_config **, char *, size_t);
+static struct relay_config *cfg_new(void);
+static void cfg_free(struct relay_config *);
+static char *cfg_default_hostname(void);
+static bool cfg_hostname_valid(const char *);
+static bool cfg_hash_valid(const char *);
+static bool cfg_addr_parse(const char *, int *, uint8_t *);
+static int cfg_net_parse(const char *, struct cfg_net *);
+static int cfg_apply(struct cfg_parse *, const config_setting_t *,
+    const char *, void *);
+static int cfg_value(struct cfg_parse *, const config_setting_t *,
+    const struct cfg_key *, void *);
+static int cfg_seq(struct cfg_parse *, const config_setting_t *,
+    const char *, config_setting_t **);
+static int cfg_parse_root(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_listeners(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_listener(struct cfg_parse *, const config_setting_t *,
+    struct cfg_listener *);
+static int cfg_parse_users(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_nets(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_trace(struct cfg_parse *, const config_setting_t *);
+
+/* cfg_fail - format "file:line: message" into the caller's buffer */
+static int
+cfg_fail(struct cfg_parse *p, const config_setting_t *s, const char *fmt, ...)
+{
+	const char *file = NULL;
+	unsigned int line = 0;
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (s != NULL) {
+		file = config_setting_source_file(s);
+		line = config_setting_source_line(s);
+	}
+	/* Settings read from a string (which ours all are) carry no file. */
+	if (file == NULL)
+		file = p->name;
+	if (p->err != NULL && p->errlen > 0) {
+		if (line > 0)
+			snprintf(p->err, p->errlen, "%s:%u: %s", file, line,
+			    msg);
+		else
+			snprintf(p->err, p->errlen, "%s: %s", file, msg);
+	}
+	return RELAY_ECONFIG;
+}
+
+/* config_load - read a file and hand its text to the common loader */
+int
+config_load(const char *path, struct relay_config **out, char *err,
+    size_t errlen)
+{
+	char *text, *dir, *slash;
+	size_t len;
+	int rc;
+
+	*out = NULL;
+	/*
+	 * Read it ourselves rather than config_read_file(), which reports
+	 * every open failure as a bare "file I/O error" and loses errno.
+	 */
+	if ((rc = file_read_all(path, &text, &len, CFG_MAX_FILE)) < 0) {
+		if (err != NULL && errlen > 0)
+			snprintf(err, errlen, "%s: %s", path, strerror(-rc));
+		return rc;
+	}
+	if (strlen(text) != len) {
+		free(text);
+		if (err != NULL && errlen > 0)
+			snprintf(err, errlen, "%s: file contains a NUL byte",
+			    path);
+		return RELAY_ECONFIG;
+	}
+	/*
+	 * @include paths are taken relative to the including file's
+	 * directory ("/relay.conf" keeps "/"); without a slash, the cwd.
+	 */
+	dir = xstrdup(path);
+	if ((slash = strrchr(dir, '/')) != NULL)
+		slash[slash == dir ? 1 : 0] = '\0';
+	rc = cfg_load_text(text, path, slash != NULL ? dir : NULL, out, err,
+	    errlen);
+	free(dir);
+	free(text);
+	return rc;
+}
+
+/* config_load_string - parse text in memory; name stands in for a file name */
+int
+config_load_string(const char *text, const char *name,
+    struct relay_config **out, char *err, size_t errlen)
+{
+	*out = NULL;
+	return cfg_load_text(text, name, NULL, out, err, errlen);
+}
+
+/* cfg_load_text - parse with libconfig, validate, copy out, destroy the tree */
+static int
+cfg_load_text(const char *text, const char *name, const char *incdir,
+    struct relay_config **out, char *err, size_t errlen)
+{
+	struct cfg_parse p = { name, err, errlen, NULL };
+	config_t lc;
+	int rc;
+
+	config_init(&lc);
+	if (incdir != NULL)
+		config_set_include_dir(&lc, incdir);
+	if (config_read_string(&lc, text) != CONFIG_TRUE) {
+		const char *file = config_error_file(&lc);
+
+		if (err != NULL && errlen > 0)
+			snprintf(err, errlen, "%s:%d: %s",
+			    file != NULL ? file : name, config_error_line(&lc),
+			    config_error_text(&lc));
+		config_destroy(&lc);
+		return RELAY_ECONFIG;
+	}
+	p.cfg = cfg_new();
+	p.cfg->path = xstrdup(name);
+	rc = cfg_parse_root(&p, config_root_setting(&lc));
+	config_destroy(&lc);
+	if (rc < 0) {
+		cfg_free(p.cfg);
+		return rc;
+	}
+	*out = p.cfg;
+	return 0;
+}
+
+/* cfg_new - a snapshot holding every default, refs == 1 */
+static struct relay_config *
+cfg_new(void)
+{
+	struct relay_config *cfg = xcalloc(1, sizeof *cfg);
+
+	cfg->refs = 1;
+	cfg->hostname = cfg_default_hostname();
+	cfg->spool_dir = xstrdup("/var/spool/relay");
+	cfg->control_socket = xstrdup("/run/relay/relayd.sock");
+	cfg->control_mode = 0600;
+	cfg->tls_cert = xstrdup("/etc/relay/cert.pem");
+	cfg->tls_key = xstrdup("/etc/relay/key.pem");
+	cfg->tls_generate = false;
+	/* 50 MiB: room for attachments, but one client cannot fill a disk. */
+	cfg->limits.max_message_size = 52428800;
+	cfg->limits.max_recipients = 1000;
+	cfg->limits.max_connections = 1000;
+	cfg->limits.max_connections_per_ip = 50;
+	/* 512 is RFC 5321's minimum, but AUTH PLAIN lines are longer. */
+	cfg->limits.max_line_length = 2048;
+	cfg->limits.max_errors = 10;
+	/* RFC 5321 4.5.3.2 suggests 5 min for commands, 3 min inside DATA. */
+	cfg->timeouts.command_ms = 300 * 1000;
+	cfg->timeouts.data_ms = 180 * 1000;
+	cfg->timeouts.tls_handshake_ms = 30 * 1000;
+	cfg->timeouts.shutdown_ms = 10 * 1000;
+	cfg->auth.failure_delay_ms = 1000;
+	cfg->auth.max_failures = 5;
+	cfg->auth.failure_window_s = 300;
+	cfg->log.syslog = false;
+	cfg->log.trace = 0;
+	return cfg;
+}
+
+/* cfg_free - release a snapshot and everything it owns */
+static void
+cfg_free(struct relay_config *cfg)
+{
+	size_t i;
+
+	for (i = 0; i < cfg->nlisteners; i++) {
+		free(cfg->listeners[i].name);
+		free(cfg->listeners[i].address);
+	}
+	free(cfg->listeners);
+	for (i = 0; i < cfg->nusers; i++) {
+		free(cfg->users[i].name);
+		free(cfg->users[i].hash);
+	}
+	free(cfg->users);
+	free(cfg->relay_nets);
+	free(cfg->path);
+	free(cfg->hostname);
+	free(cfg->spool_dir);
+	free(cfg->control_socket);
+	free(cfg->tls_cert);
+	free(cfg->tls_key);
+	free(cfg);
+}
+
+/* config_ref - take another reference; the loop is single-threaded */
+struct relay_config *
+config_ref(struct relay_config *cfg)
+{
+	if (cfg != NULL)
+		cfg->refs++;
+	return cfg;
+}
+
+/* config_unref - drop a reference, freeing on the last one */
+void
+config_unref(struct relay_config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	if (cfg->refs <= 0)
+		relay_panic("config_unref: refs %d on %s", cfg->refs,
+		    cfg->path ? cfg->path : "?");
+	if (--cfg->refs == 0)
+		cfg_free(cfg);
+}
+
+/* config_net_match - whether sa lies in a relay network */
+bool
+config_net_match(const struct relay_config *cfg, const struct sockaddr *sa)
+{
+	const uint8_t *addr;
+	int family;
+	size_t i;
+
+	if (cfg == NULL || sa == NULL)
+		return false;
+	if (sa->sa_family == AF_INET) {
+		const struct sockaddr_in *sin = (const void *)sa;
+
+		family = AF_INET;
+		addr = (const uint8_t *)&sin->sin_addr;
+	} else if (sa->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *sin6 = (const void *)sa;
+
+		family = AF_INET6;
+		addr = sin6->sin6_addr.s6_addr;
+		/* A dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d. */
+		if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+			family = AF_INET;
+			addr += 12;
+		}
+	} else
+		return false;
+
+	for (i = 0; i < cfg->nrelay_nets; i++) {
+		const struct cfg_net *n = &cfg->relay_nets[i];
+		int full = n->prefix / 8, rest = n->prefix % 8;
+
+		if (n->family != family ||
+		    memcmp(n->addr, addr, (size_t)full) != 0)
+			continue;
+		if (rest != 0 &&
+		    ((addr[full] ^ n->addr[full]) & (0xff00 >> rest) & 0xff))
+			continue;
+		return true;
+	}
+	return false;
+}
+
+/* config_user_find - exact, case-sensitive lookup by login name */
+const struct cfg_user *
+config_user_find(const struct relay_config *cfg, const char *name)
+{
+	size_t i;
+
+	if (cfg == NULL || name == NULL)
+		return NULL;
+	for (i = 0; i < cfg->nusers; i++)
+		if (strcmp(cfg->users[i].name, name) == 0)
+			return &cfg->users[i];
+	return NULL;
+}
+
+/* cfg_default_hostname - gethostname(), or "localhost" if it is unusable */
+static char *
+cfg_default_hostname(void)
+{
+	char host[256];
+
+	/*
+	 * A default must never make a valid file fail to load, so a host
+	 * name our own validator would reject falls back to "localhost".
+	 */
+	if (gethostname(host, sizeof host) != 0)
+		return xstrdup("localhost");
+	host[sizeof host - 1] = '\0';
+	return xstrdup(cfg_hostname_valid(host) ? host : "localhost");
+}
+
+/* cfg_hostname_valid - RFC 1123 syntax: LDH labels of 1..63, total <= 253 */
+static bool
+cfg_hostname_valid(const char *s)
+{
+	size_t len = strlen(s), label = 0, i;
+
+	if (len == 0 || len > 253)
+		return false;
+	for (i = 0; i < len; i++) {
+		char c = s[i];
+
+		if (c == '.') {
+			if (label == 0 || s[i - 1] == '-')
+				return false;
+			label = 0;
+			continue;
+		}
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		    (c >= '0' && c <= '9') || c == '-'))
+			return false;
+		if ((c == '-' && label == 0) || ++label > 63)
+			return false;
+	}
+	/* A trailing dot or hyphen ends in an empty or malformed label. */
+	return label > 0 && s[len - 1] != '-';
+}
+
+/* cfg_hash_valid - "$id$...$hash" with a known id and no stray bytes */
+static bool
+cfg_hash_valid(const char *s)
+{
+	const char *last;
+	size_t i, dollars = 0;
+	bool known = false;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_hash_ids); i++)
+		if (strncmp(s, cfg_hash_ids[i], strlen(cfg_hash_ids[i])) == 0)
+			known = true;
+	if (!known)
+		return false;
+	/* crypt(3) output is printable ASCII without spaces or colons. */
+	for (i = 0; s[i] != '\0'; i++) {
+		if (s[i] <= ' ' || s[i] > '~' || s[i] == ':')
+			return false;
+		if (s[i] == '$')
+			dollars++;
+	}
+	/* "$id$salt$hash" at least, and the hash part must not be empty. */
+	last = strrchr(s, '$');
+	return dollars >= 3 && last[1] != '\0';
+}
+
+/* cfg_addr_parse - numeric IPv4 or IPv6 into family and 4 or 16 bytes */
+static bool
+cfg_addr_parse(const char *s, int *family, uint8_t *out)
+{
+	memset(out, 0, 16);
+	if (inet_pton(AF_INET, s, out) == 1) {
+		*family = AF_INET;
+		return true;
+	}
+	if (inet_pton(AF_INET6, s, out) == 1) {
+		*family = AF_INET6;
+		return true;
+	}
+	return false;
+}
+
+/* cfg_net_parse - 0, -EINVAL for bad syntax or -EDOM for host bits set */
+static int
+cfg_net_parse(const char *v, struct cfg_net *net)
+{
+	char text[INET6_ADDRSTRLEN + 8], *slash, *end;
+	int max, k;
+	long pfx;
+
+	if (str_copy(text, v, sizeof text) >= sizeof text)
+		return -EINVAL;
+	if ((slash = strchr(text, '/')) != NULL)
+		*slash++ = '\0';
+	if (!cfg_addr_parse(text, &net->family, net->addr))
+		return -EINVAL;
+	max = net->family == AF_INET ? 32 : 128;
+	net->prefix = max;
+	if (slash != NULL) {
+		/* Digits only: strtol would also take " 8", "+8" or "". */
+		if (*slash < '0' || *slash > '9' || strlen(slash) > 3)
+			return -EINVAL;
+		pfx = strtol(slash, &end, 10);
+		if (*end != '\0' || pfx > max)
+			return -EINVAL;
+		net->prefix = (int)pfx;
+	}
+	for (k = net->prefix; k < max; k++)
+		if (net->addr[k / 8] & (0x80 >> (k % 8)))
+			return -EDOM;
+	/* ::ffff:0:0/96 and longer are IPv4 networks in disguise. */
+	if (net->family == AF_INET6 && net->prefix >= 96 &&
+	    IN6_IS_ADDR_V4MAPPED((const struct in6_addr *)(void *)net->addr)) {
+		net->family = AF_INET;
+		memmove(net->addr, net->addr + 12, 4);
+		memset(net->addr + 4, 0, 12);
+		net->prefix -= 96;
+	}
+	return 0;
+}
+
+/* cfg_apply - check every member of group g against scope, store at base */
+static int
+cfg_apply(struct cfg_parse *p, const config_setting_t *g, const char *scope,
+    void *base)
+{
+	int i, n = config_setting_length(g), rc;
+	size_t k;
+
+	for (i = 0; i < n; i++) {
+		const config_setting_t *s = config_setting_get_elem(g,
+		    (unsigned int)i);
+		const char *name = config_setting_name(s);
+
+		/* A linear scan: ~40 entries, once per load. */
+		for (k = 0; k < ARRAY_SIZE(cfg_keys); k++)
+			if (strcmp(cfg_keys[k].key, name) == 0 &&
+			    (scope == NULL ? cfg_keys[k].scope == NULL :
+			    cfg_keys[k].scope != NULL &&
+			    strcmp(cfg_keys[k].scope, scope) == 0))
+				break;
+		if (k == ARRAY_SIZE(cfg_keys)) {
+			if (scope == NULL)
+				return cfg_fail(p, s, "unknown setting '%s'",
+				    name);
+			return cfg_fail(p, s, "unknown setting '%s' in '%s'",
+			    name, scope);
+		}
+		if ((rc = cfg_value(p, s, &cfg_keys[k], base)) < 0)
+			return rc;
+	}
+	return 0;
+}
+
+/* cfg_value - type- and range-check one setting and store it */
+static int
+cfg_value(struct cfg_parse *p, const config_setting_t *s,
+    const struct cfg_key *k, void *base)
+{
+	/* Group and list entries have no storage of their own (off 0). */
+	void *dst = (char *)base + k->off;
+	int type = config_setting_type(s);
+	bool isint = type == CONFIG_TYPE_INT || type == CONFIG_TYPE_INT64;
+	const char *v = type == CONFIG_TYPE_STRING ?
+	    config_setting_get_string(s) : NULL;
+	long long n;
+	double ms;
+	size_t i;
+
+	switch (k->kind) {
+	case CFG_K_GROUP:
+		if (type != CONFIG_TYPE_GROUP)
+			return cfg_fail(p, s, "'%s' must be a group { ... }",
+			    k->key);
+		return cfg_apply(p, s, k->key, base);
+	case CFG_K_OTHER:
+		return 0;
+	case CFG_K_STR:
+		if (v == NULL)
+			return cfg_fail(p, s, "'%s' must be a string", k->key);
+		if (*v == '\0')
+			return cfg_fail(p, s, "'%s' must not be empty", k->key);
+		free(*(char **)dst);
+		*(char **)dst = xstrdup(v);
+		return 0;
+	case CFG_K_BOOL:
+		if (type != CONFIG_TYPE_BOOL)
+			return cfg_fail(p, s, "'%s' must be a boolean (true or "
+			    "false)", k->key);
+		*(bool *)dst = config_setting_get_bool(s) != 0;
+		return 0;
+	case CFG_K_INT:
+	case CFG_K_U64:
+		if (!isint)
+			return cfg_fail(p, s, "'%s' must be an integer",
+			    k->key);
+		n = config_setting_get_int64(s);
+		if (n < k->lo || n > k->hi)
+			return cfg_fail(p, s, "'%s' must be between %lld and "
+			    "%lld", k->key, k->lo, k->hi);
+		/* Every CFG_K_INT range fits an int, so this cannot wrap. */
+		if (k->kind == CFG_K_INT)
+			*(int *)dst = (int)n;
+		else
+			*(uint64_t *)dst = (uint64_t)n;
+		return 0;
+	case CFG_K_MS:
+	case CFG_K_SEC:
+		if (type == CONFIG_TYPE_FLOAT)
+			ms = config_setting_get_float(s) * 1000.0;
+		else if (isint)
+			ms = (double)config_setting_get_int64(s) * 1000.0;
+		else
+			return cfg_fail(p, s, "'%s' must be a number of "
+			    "seconds", k->key);
+		/* Written negated so that NaN fails too. */
+		if (!(ms >= (double)k->lo && ms <= (double)k->hi))
+			return cfg_fail(p, s, "'%s' must be between %g and %g "
+			    "seconds", k->key, (double)k->lo / 1000.0,
+			    (double)k->hi / 1000.0);
+		/* Round, so that 0.1 s is 100 ms and not 99.99999. */
+		n = (long long)(ms + 0.5);
+		*(int *)dst = (int)(k->kind == CFG_K_MS ? n : (n + 500) / 1000);
+		return 0;
+	case CFG_K_MODE:
+		/* A string, because libconfig has no octal: 0600 means 600. */
+		for (i = 0; v != NULL && v[i] >= '0' && v[i] <= '7'; i++)
+			;
+		if (v == NULL || v[i] != '\0' || i == 0 || i > 4 ||
+		    strtol(v, NULL, 8) > k->hi)
+			return cfg_fail(p, s, "'%s' must be an octal string "
+			    "from \"0000\" to \"0777\", such as \"0600\"",
+			    k->key);
+		*(int *)dst = (int)strtol(v, NULL, 8);
+		return 0;
+	case CFG_K_TLS:
+		for (i = 0; v != NULL && i < ARRAY_SIZE(cfg_tls_names); i++)
+			if (strcmp(v, cfg_tls_names[i]) == 0) {
+				*(enum cfg_tls_mode *)dst = i;
+				return 0;
+			}
+		return cfg_fail(p, s, "'%s' must be one of \"none\", "
+		    "\"starttls\" or \"implicit\"", k->key);
+	}
+	/* Only a new kind added to the table without a case gets here. */
+	relay_panic("cfg_value: kind %d", (int)k->kind);
+}
+
+/* cfg_seq - optional list ( ... ) or array [ ... ] *out, NULL if absent */
+static int
+cfg_seq(struct cfg_parse *p, const config_setting_t *parent, const char *key,
+    config_setting_t **out)
+{
+	config_setting_t *s;
+
+	*out = NULL;
+	if (parent == NULL || (s = config_setting_get_member(parent, key)) ==
+	    NULL)
+		return 0;
+	if (!config_setting_is_list(s) && !config_setting_is_array(s))
+		return cfg_fail(p, s, "'%s' must be a list ( ... ) or [ ... ]",
+		    key);
+	*out = s;
+	return 0;
+}
+
+/* cfg_parse_root - the schema walk, then lists and cross-key checks */
+static int
+cfg_parse_root(struct cfg_parse *p, const config_setting_t *root)
+{
+	struct relay_config *cfg = p->cfg;
+	const config_setting_t *g;
+	config_setting_t *s;
+	int rc;
+
+	if ((rc = cfg_apply(p, root, NULL, cfg)) < 0)
+		return rc;
+	/* The gethostname() default was checked already; this is the file's. */
+	if (!cfg_hostname_valid(cfg->hostname))
+		return cfg_fail(p, config_setting_get_member(root, "hostname"),
+		    "hostname '%s' is not a valid domain name", cfg->hostname);
+
+	if ((rc = cfg_seq(p, root, "listeners", &s)) < 0)
+		return rc;
+	if (s == NULL)
+		return cfg_fail(p, NULL, "'listeners' is required: define at "
+		    "least one listener");
+	if ((rc = cfg_parse_listeners(p, s)) < 0)
+		return rc;
+	if ((rc = cfg_seq(p, root, "users", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_users(p, s)) < 0))
+		return rc;
+	if ((rc = cfg_seq(p, root, "relay_networks", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_nets(p, s)) < 0))
+		return rc;
+	g = config_setting_get_member(root, "log");
+	if ((rc = cfg_seq(p, g, "trace", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_trace(p, s)) < 0))
+		return rc;
+
+	/*
+	 * max_connections_per_ip may not exceed max_connections. Its default
+	 * (50) follows a small max_connections down instead of making
+	 * "max_connections = 10;" alone an error.
+	 */
+	if (cfg->limits.max_connections_per_ip > cfg->limits.max_connections) {
+		g = config_setting_get_member(root, "limits");
+		if (g != NULL && (g = config_setting_get_member(g,
+		    "max_connections_per_ip")) != NULL)
+			return cfg_fail(p, g, "'max_connections_per_ip' (%d) "
+			    "must not exceed max_connections (%d)",
+			    cfg->limits.max_connections_per_ip,
+			    cfg->limits.max_connections);
+		cfg->limits.max_connections_per_ip =
+		    cfg->limits.max_connections;
+	}
+	return 0;
+}
+
+/* cfg_parse_listeners - every element, then no two on one address:port */
+static int
+cfg_parse_listeners(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, j, n = (size_t)config_setting_length(list);
+	uint8_t a[16], b[16];
+	int fa, fb, rc;
+
+	if (n == 0)
+		return cfg_fail(p, list, "'listeners' must hold at least one "
+		    "listener");
+	/* Counted up front so cfg_free() copes with a half-filled array. */
+	cfg->listeners = xcalloc(n, sizeof *cfg->listeners);
+	cfg->nlisteners = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		struct cfg_listener *l = &cfg->listeners[i];
+
+		if ((rc = cfg_parse_listener(p, e, l)) < 0)
+			return rc;
+		(void)cfg_addr_parse(l->address, &fa, a);
+		for (j = 0; j < i; j++) {
+			const struct cfg_listener *o = &cfg->listeners[j];
+
+			/* Compare bytes: "::1" and "0::1" are one address. */
+			(void)cfg_addr_parse(o->address, &fb, b);
+			if (o->port == l->port && fa == fb &&
+			    memcmp(a, b, sizeof a) == 0)
+				return cfg_fail(p, e, "listener '%s' uses the "
+				    "same address and port as '%s' (%s port "
+				    "%d)", l->name, o->name, l->address,
+				    l->port);
+			/* Logs and relayctl name listeners; keep it unique. */
+			if (strcmp(o->name, l->name) == 0)
+				return cfg_fail(p, e, "listener name '%s' is "
+				    "used twice", l->name);
+		}
+	}
+	return 0;
+}
+
+/* cfg_parse_listener - one { name, address, port, tls, auth_required } */
+static int
+cfg_parse_listener(struct cfg_parse *p, const config_setting_t *e,
+    struct cfg_listener *l)
+{
+	uint8_t addr[16];
+	int family, rc;
+
+	if (!config_setting_is_group(e))
+		return cfg_fail(p, e, "'listeners' entries must be groups "
+		    "{ ... }");
+	l->tls = CFG_TLS_STARTTLS;
+	l->auth_required = true;
+	if ((rc = cfg_apply(p, e, "listeners", l)) < 0)
+		return rc;
+	/* Required: a silent default of "all interfaces" would surprise. */
+	if (l->address == NULL)
+		return cfg_fail(p, e, "listener is missing 'address'");
+	if (!cfg_addr_parse(l->address, &family, addr))
+		return cfg_fail(p, config_setting_get_member(e, "address"),
+		    "'address' must be a numeric IPv4 or IPv6 address, not "
+		    "'%s'", l->address);
+	if (l->port == 0)
+		return cfg_fail(p, e, "listener is missing 'port'");
+	if (l->name == NULL)
+		l->name = xasprintf("%s:%d", l->address, l->port);
+	/*
+	 * tls != none needs a certificate and key. tls.certificate and
+	 * tls.key always hold a path (default or given), so nothing is left
+	 * to check here; whether the files exist is for tls/ to say.
+	 */
+	return 0;
+}
+
+/* cfg_parse_users - { name, password_hash } entries, names unique */
+static int
+cfg_parse_users(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, j, n = (size_t)config_setting_length(list);
+	int rc;
+
+	cfg->users = xcalloc(n, sizeof *cfg->users);
+	cfg->nusers = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		struct cfg_user *u = &cfg->users[i];
+		const char *c;
+
+		if (!config_setting_is_group(e))
+			return cfg_fail(p, e, "'users' entries must be groups "
+			    "{ ... }");
+		if ((rc = cfg_apply(p, e, "users", u)) < 0)
+			return rc;
+		if (u->name == NULL)
+			return cfg_fail(p, e, "user is missing 'name'");
+		/* Names reach the logs, where control bytes forge lines. */
+		for (c = u->name; *c != '\0'; c++)
+			if ((unsigned char)*c <= ' ' || *c == 0x7f)
+				return cfg_fail(p, config_setting_get_member(e,
+				    "name"), "user name '%s' must not contain "
+				    "spaces or control characters", u->name);
+		if (u->hash == NULL)
+			return cfg_fail(p, e, "user '%s' is missing "
+			    "'password_hash'", u->name);
+		if (!cfg_hash_valid(u->hash))
+			return cfg_fail(p, config_setting_get_member(e,
+			    "password_hash"), "password_hash must be a "
+			    "crypt(3) hash such as $6$... or $y$...; generate "
+			    "one with: openssl passwd -6");
+		for (j = 0; j < i; j++)
+			if (strcmp(cfg->users[j].name, u->name) == 0)
+				return cfg_fail(p, e, "user '%s' is defined "
+				    "twice", u->name);
+	}
+	return 0;
+}
+
+/* cfg_parse_nets - the relay_networks list; errors name the bad value */
+static int
+cfg_parse_nets(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, n = (size_t)config_setting_length(list);
+
+	cfg->relay_nets = xcalloc(n, sizeof *cfg->relay_nets);
+	cfg->nrelay_nets = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		struct cfg_net *net = &cfg->relay_nets[i];
+		char fix[INET6_ADDRSTRLEN];
+		const char *v;
+		int k, rc;
+
+		if (config_setting_type(e) != CONFIG_TYPE_STRING)
+			return cfg_fail(p, e, "'relay_networks' entries must "
+			    "be strings");
+		v = config_setting_get_string(e);
+		if ((rc = cfg_net_parse(v, net)) == -EINVAL)
+			return cfg_fail(p, e, "relay network '%s' is not an "
+			    "address or CIDR such as 192.0.2.0/24 or "
+			    "2001:db8::/32", v);
+		if (rc == -EDOM) {
+			/* Suggest the network the operator probably meant. */
+			for (k = net->prefix; k < 128; k++)
+				net->addr[k / 8] &= (uint8_t)~(0x80 >> (k % 8));
+			inet_ntop(net->family, net->addr, fix, sizeof fix);
+			return cfg_fail(p, e, "relay network '%s' has host "
+			    "bits set; did you mean '%s/%d'?", v, fix,
+			    net->prefix);
+		}
+	}
+	return 0;
+}
+
+/* cfg_parse_trace - OR the named TRACE_* flags into cfg->log.trace */
+static int
+cfg_parse_trace(struct cfg_parse *p, const config_setting_t *list)
+{
+	int i, n = config_setting_length(list);
+	size_t j;
+
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		const char *v;
+
+		if (config_setting_type(e) != CONFIG_TYPE_STRING)
+			return cfg_fail(p, e, "'trace' entries must be "
+			    "strings");
+		v = config_setting_get_string(e);
+		for (j = 0; j < ARRAY_SIZE(cfg_trace_names); j++)
+			if (strcmp(v, cfg_trace_names[j].name) == 0)
+				break;
+		if (j == ARRAY_SIZE(cfg_trace_names))
+			return cfg_fail(p, e, "unknown trace flag '%s' (known: "
+			    "smtp, io, spool, dns, dlv, state, all)", v);
+		p->cfg->log.trace |= cfg_trace_names[j].flag;
+	}
+	return 0;
+}

@@ -1,0 +1,117 @@
+/*
+ * config.h - the validated, immutable configuration snapshot.
+ *
+ * config_load() parses a libconfig file into a struct relay_config. Every key
+ * is checked: unknown keys, wrong types and out-of-range values are errors
+ * that name the file and line. A snapshot is reference-counted so sessions
+ * that started on an old configuration finish on it after SIGHUP.
+ */
+#ifndef RELAY_CONFIG_H
+#define RELAY_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+enum cfg_tls_mode {
+	CFG_TLS_NONE,		/* plaintext only, STARTTLS not offered */
+	CFG_TLS_STARTTLS,	/* plaintext greeting, STARTTLS offered */
+	CFG_TLS_IMPLICIT,	/* TLS from the first byte (port 465) */
+};
+
+struct cfg_listener {
+	char *name;		/* label for logs, e.g. "submission" */
+	char *address;		/* numeric IPv4/IPv6 address to bind */
+	int port;		/* 1..65535 */
+	enum cfg_tls_mode tls;	/* see enum cfg_tls_mode */
+	bool auth_required;	/* MAIL FROM refused until AUTH succeeded */
+};
+
+struct cfg_user {
+	char *name;		/* login name as given in AUTH */
+	char *hash;		/* crypt(3) hash: $6$, $5$, $y$, $2b$ ... */
+};
+
+struct cfg_net {
+	int family;		/* AF_INET or AF_INET6 */
+	uint8_t addr[16];	/* network address, host bits cleared */
+	int prefix;		/* prefix length in bits */
+};
+
+struct relay_config {
+	int refs;			/* config_ref/config_unref count */
+	char *path;			/* file it was loaded from, or "(built-in)" */
+
+	char *hostname;			/* EHLO/greeting name and Received: by */
+	char *spool_dir;		/* root of the spool */
+	char *control_socket;		/* unix socket path for relayctl */
+	int control_mode;		/* permission bits of the socket, e.g. 0600 */
+
+	char *tls_cert;			/* PEM certificate chain file */
+	char *tls_key;			/* PEM private key file */
+	bool tls_generate;		/* create a self-signed pair when missing */
+
+	struct cfg_listener *listeners;	/* at least one */
+	size_t nlisteners;
+	struct cfg_user *users;		/* may be empty */
+	size_t nusers;
+	struct cfg_net *relay_nets;	/* clients allowed to relay without AUTH */
+	size_t nrelay_nets;
+
+	struct {
+		uint64_t max_message_size;	/* bytes, SIZE= advertised */
+		int max_recipients;		/* per transaction */
+		int max_connections;		/* all listeners together */
+		int max_connections_per_ip;	/* per client address */
+		int max_line_length;		/* command line octets incl. CRLF */
+		int max_errors;			/* bad commands before 421 */
+	} limits;
+
+	struct {
+		int command_ms;		/* idle wait for a command */
+		int data_ms;		/* wait for the next chunk inside DATA */
+		int tls_handshake_ms;	/* STARTTLS / implicit handshake */
+		int shutdown_ms;	/* grace for sessions on SIGTERM */
+	} timeouts;
+
+	struct {
+		int failure_delay_ms;	/* delay before a 535 reply */
+		int max_failures;	/* per client IP within the window */
+		int failure_window_s;	/* window for max_failures */
+	} auth;
+
+	struct {
+		bool syslog;		/* also log to syslog(3), facility mail */
+		int trace;		/* TRACE_* mask from log.h */
+	} log;
+};
+
+/*
+ * config_load - parse and validate a file. On success *out holds a snapshot
+ * with refs == 1. On failure returns RELAY_ECONFIG (or -errno when the file
+ * cannot be read) and err holds "file:line: message".
+ */
+int config_load(const char *path, struct relay_config **out, char *err,
+    size_t errlen);
+
+/* config_load_string - the same for text in memory; name is used in errors */
+int config_load_string(const char *text, const char *name,
+    struct relay_config **out, char *err, size_t errlen);
+
+/* config_default_text - the built-in default configuration (relayd -d) */
+const char *config_default_text(void);
+
+struct relay_config *config_ref(struct relay_config *cfg);
+/* config_unref - drop a reference; frees on the last one; NULL is fine */
+void config_unref(struct relay_config *cfg);
+
+/* config_net_match - is the address inside one of the relay networks? */
+bool config_net_match(const struct relay_config *cfg,
+    const struct sockaddr *sa);
+
+/* config_user_find - the user entry for a login name, or NULL */
+const struct cfg_user *config_user_find(const struct relay_config *cfg,
+    const char *name);
+
+#endif

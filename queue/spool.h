@@ -1,0 +1,87 @@
+/*
+ * spool.h - the durable message queue on disk and its in-memory index.
+ *
+ * Layout under the spool directory:
+ *   incoming/<id>.msg   body being received (streamed while DATA arrives)
+ *   incoming/<id>.env   envelope written at commit time
+ *   queue/<id>.msg      committed body (immutable)
+ *   queue/<id>.env      committed envelope; its presence IS the commit
+ *   quarantine/         entries that failed to parse at recovery
+ *
+ * Commit: fsync body and envelope on the libuv thread pool, rename the body
+ * then the envelope into queue/, then fsync queue/. Directory fsyncs are
+ * batched across concurrent commits (group commit). The commit callback
+ * fires only after all of that, so a 250 sent from it survives a crash.
+ */
+#ifndef RELAY_SPOOL_H
+#define RELAY_SPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "queue/envelope.h"
+
+struct spool;
+struct spool_msg;
+
+/* spool_commit_cb - status 0 (durable) or -errno; the spool_msg is gone */
+typedef void (*spool_commit_cb)(void *arg, int status, const char *id);
+
+/*
+ * spool_open - create the directories if needed and run the recovery scan:
+ * incoming/ is emptied (unfinished sessions), queue/ entries are parsed
+ * into the index, a corrupt or truncated one is moved to quarantine/ with
+ * a log line, a body without an envelope is removed. Returns 0 or -errno /
+ * RELAY_E*, with err filled for a human.
+ */
+int spool_open(uv_loop_t *loop, const char *dir, struct spool **out,
+    char *err, size_t errlen);
+
+/*
+ * spool_close - free the index. Commits still in flight must have finished
+ * (run the loop until spool_busy() is false first).
+ */
+void spool_close(struct spool *sp);
+bool spool_busy(const struct spool *sp);
+
+/* spool_msg_new - open incoming/<id>.msg for a new message; 0 or -errno */
+int spool_msg_new(struct spool *sp, struct spool_msg **out);
+const char *spool_msg_id(const struct spool_msg *m);
+uint64_t spool_msg_size(const struct spool_msg *m);
+
+/*
+ * spool_msg_write - append body bytes (buffered; a full buffer is written
+ * with write(2)). An error is sticky: later writes and the commit return it,
+ * so a session can keep reading DATA and answer 452 at the end.
+ */
+int spool_msg_write(struct spool_msg *m, const void *data, size_t len);
+
+/*
+ * spool_msg_commit - make the message durable. Takes ownership of env
+ * (its id and size are filled in here). cb runs later from the loop, never
+ * inside this call, with 0 once the message is durably queued and indexed,
+ * or -errno if it could not be (then nothing of it remains on disk).
+ */
+void spool_msg_commit(struct spool_msg *m, struct envelope *env,
+    spool_commit_cb cb, void *arg);
+
+/*
+ * spool_msg_abort - forget a message. Before commit: close and unlink its
+ * files and free it. After spool_msg_commit: only detach the callback (the
+ * commit completes; the client never saw 250, so at worst it resends).
+ */
+void spool_msg_abort(struct spool_msg *m);
+
+/* spool_count - committed messages in the index */
+size_t spool_count(const struct spool *sp);
+
+/* spool_foreach - visit committed envelopes in queue-id (arrival) order */
+void spool_foreach(const struct spool *sp,
+    void (*fn)(void *arg, const struct envelope *env), void *arg);
+
+/* spool_find - the indexed envelope for an id, or NULL */
+const struct envelope *spool_find(const struct spool *sp, const char *id);
+
+#endif

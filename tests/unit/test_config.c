@@ -1,0 +1,663 @@
+/*
+ * test_config.c - unit tests for config/config.c: defaults, the schema's
+ * type/range/unknown-key errors with their line numbers, relay networks,
+ * users, reference counting, the example file and the built-in default.
+ *
+ * Tests run from the repository root (config/relay.conf.example is read
+ * by relative path).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config/log.h"
+#include "config/util.h"
+#include "config/config.h"
+#include "tests/unit/test.h"
+
+/* The smallest valid file: one listener. */
+#define MINIMAL \
+	"listeners = ( { address = \"127.0.0.1\"; port = 2525; } );\n"
+
+static struct relay_config *load_ok(const char *);
+static void load_fail(const char *, const char *);
+static bool match4(const struct relay_config *, const char *);
+static bool match6(const struct relay_config *, const char *);
+
+static char errbuf[512];
+
+/* load_ok - load text named "t.conf", abort with the message on failure */
+static struct relay_config *
+load_ok(const char *text)
+{
+	struct relay_config *cfg = NULL;
+	int rc;
+
+	errbuf[0] = '\0';
+	rc = config_load_string(text, "t.conf", &cfg, errbuf, sizeof errbuf);
+	if (rc != 0)
+		fprintf(stderr, "unexpected error: %s\n", errbuf);
+	ASSERT_EQ(rc, 0);
+	ASSERT(cfg != NULL);
+	ASSERT_EQ(cfg->refs, 1);
+	return cfg;
+}
+
+/* load_fail - expect RELAY_ECONFIG and want as a substring of the message */
+static void
+load_fail(const char *text, const char *want)
+{
+	struct relay_config *cfg = (void *)1;
+	int rc;
+
+	errbuf[0] = '\0';
+	rc = config_load_string(text, "t.conf", &cfg, errbuf, sizeof errbuf);
+	if (strstr(errbuf, want) == NULL)
+		fprintf(stderr, "message \"%s\" lacks \"%s\"\n", errbuf, want);
+	ASSERT_EQ(rc, RELAY_ECONFIG);
+	ASSERT(cfg == NULL);
+	ASSERT(strstr(errbuf, want) != NULL);
+}
+
+/* match4 - config_net_match for a dotted-quad sockaddr_in */
+static bool
+match4(const struct relay_config *cfg, const char *a)
+{
+	struct sockaddr_in sin;
+
+	memset(&sin, 0, sizeof sin);
+	sin.sin_family = AF_INET;
+	ASSERT_EQ(inet_pton(AF_INET, a, &sin.sin_addr), 1);
+	return config_net_match(cfg, (const struct sockaddr *)&sin);
+}
+
+/* match6 - config_net_match for an IPv6 (or v4-mapped) sockaddr_in6 */
+static bool
+match6(const struct relay_config *cfg, const char *a)
+{
+	struct sockaddr_in6 sin6;
+
+	memset(&sin6, 0, sizeof sin6);
+	sin6.sin6_family = AF_INET6;
+	ASSERT_EQ(inet_pton(AF_INET6, a, &sin6.sin6_addr), 1);
+	return config_net_match(cfg, (const struct sockaddr *)&sin6);
+}
+
+TEST(defaults)
+{
+	struct relay_config *cfg = load_ok(MINIMAL);
+	const struct cfg_listener *l = &cfg->listeners[0];
+
+	ASSERT_STR_EQ(cfg->path, "t.conf");
+	ASSERT(cfg->hostname != NULL && cfg->hostname[0] != '\0');
+	ASSERT_STR_EQ(cfg->spool_dir, "/var/spool/relay");
+	ASSERT_STR_EQ(cfg->control_socket, "/run/relay/relayd.sock");
+	ASSERT_EQ(cfg->control_mode, 0600);
+	ASSERT_STR_EQ(cfg->tls_cert, "/etc/relay/cert.pem");
+	ASSERT_STR_EQ(cfg->tls_key, "/etc/relay/key.pem");
+	ASSERT(!cfg->tls_generate);
+	ASSERT_EQ(cfg->nlisteners, 1);
+	ASSERT_STR_EQ(l->name, "127.0.0.1:2525");
+	ASSERT_EQ(l->tls, CFG_TLS_STARTTLS);
+	ASSERT(l->auth_required);
+	ASSERT_EQ(cfg->nusers, 0);
+	ASSERT_EQ(cfg->nrelay_nets, 0);
+	ASSERT_EQ(cfg->limits.max_message_size, 52428800);
+	ASSERT_EQ(cfg->limits.max_recipients, 1000);
+	ASSERT_EQ(cfg->limits.max_connections, 1000);
+	ASSERT_EQ(cfg->limits.max_connections_per_ip, 50);
+	ASSERT_EQ(cfg->limits.max_line_length, 2048);
+	ASSERT_EQ(cfg->limits.max_errors, 10);
+	ASSERT_EQ(cfg->timeouts.command_ms, 300000);
+	ASSERT_EQ(cfg->timeouts.data_ms, 180000);
+	ASSERT_EQ(cfg->timeouts.tls_handshake_ms, 30000);
+	ASSERT_EQ(cfg->timeouts.shutdown_ms, 10000);
+	ASSERT_EQ(cfg->auth.failure_delay_ms, 1000);
+	ASSERT_EQ(cfg->auth.max_failures, 5);
+	ASSERT_EQ(cfg->auth.failure_window_s, 300);
+	ASSERT(!cfg->log.syslog);
+	ASSERT_EQ(cfg->log.trace, 0);
+	ASSERT(!match4(cfg, "127.0.0.1"));
+	config_unref(cfg);
+}
+
+TEST(all_keys_set)
+{
+	struct relay_config *cfg = load_ok(
+	    "hostname = \"mx-1.Example.org\";\n"
+	    "spool_dir = \"/srv/spool\";\n"
+	    "control = { socket = \"/tmp/r.sock\"; mode = \"0660\"; };\n"
+	    "tls = { certificate = \"c.pem\"; key = \"k.pem\";\n"
+	    "  generate = true; };\n"
+	    "listeners = ( { name = \"a\"; address = \"::1\"; port = 465;\n"
+	    "    tls = \"implicit\"; auth_required = false; },\n"
+	    "  { address = \"0.0.0.0\"; port = 25; tls = \"none\"; } );\n"
+	    "limits = { max_message_size = 1024; max_recipients = 7;\n"
+	    "  max_connections = 9; max_connections_per_ip = 3;\n"
+	    "  max_line_length = 512; max_errors = 1; };\n"
+	    "auth = { failure_delay = 0; max_failures = 2;\n"
+	    "  failure_window = 60; };\n"
+	    "log = { syslog = true;\n"
+	    "  trace = [ \"smtp\", \"dns\", \"state\" ]; };\n");
+
+	ASSERT_STR_EQ(cfg->hostname, "mx-1.Example.org");
+	ASSERT_STR_EQ(cfg->spool_dir, "/srv/spool");
+	ASSERT_STR_EQ(cfg->control_socket, "/tmp/r.sock");
+	ASSERT_EQ(cfg->control_mode, 0660);
+	ASSERT_STR_EQ(cfg->tls_cert, "c.pem");
+	ASSERT_STR_EQ(cfg->tls_key, "k.pem");
+	ASSERT(cfg->tls_generate);
+	ASSERT_EQ(cfg->nlisteners, 2);
+	ASSERT_STR_EQ(cfg->listeners[0].name, "a");
+	ASSERT_STR_EQ(cfg->listeners[0].address, "::1");
+	ASSERT_EQ(cfg->listeners[0].port, 465);
+	ASSERT_EQ(cfg->listeners[0].tls, CFG_TLS_IMPLICIT);
+	ASSERT(!cfg->listeners[0].auth_required);
+	ASSERT_STR_EQ(cfg->listeners[1].name, "0.0.0.0:25");
+	ASSERT_EQ(cfg->listeners[1].tls, CFG_TLS_NONE);
+	ASSERT_EQ(cfg->limits.max_message_size, 1024);
+	ASSERT_EQ(cfg->limits.max_recipients, 7);
+	ASSERT_EQ(cfg->limits.max_connections, 9);
+	ASSERT_EQ(cfg->limits.max_connections_per_ip, 3);
+	ASSERT_EQ(cfg->limits.max_line_length, 512);
+	ASSERT_EQ(cfg->limits.max_errors, 1);
+	ASSERT_EQ(cfg->auth.failure_delay_ms, 0);
+	ASSERT_EQ(cfg->auth.max_failures, 2);
+	ASSERT_EQ(cfg->auth.failure_window_s, 60);
+	ASSERT(cfg->log.syslog);
+	ASSERT_EQ(cfg->log.trace, TRACE_SMTP | TRACE_DNS | TRACE_STATE);
+	config_unref(cfg);
+}
+
+TEST(per_ip_default_follows_max_connections)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "limits = { max_connections = 10; };\n");
+
+	ASSERT_EQ(cfg->limits.max_connections_per_ip, 10);
+	config_unref(cfg);
+	load_fail(MINIMAL "limits = { max_connections = 10;\n"
+	    "  max_connections_per_ip = 11; };\n",
+	    "t.conf:3: 'max_connections_per_ip' (11) must not exceed "
+	    "max_connections (10)");
+}
+
+TEST(durations_int_and_float)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "timeouts = { command = 60; data = 2.5; tls_handshake = 0.25;\n"
+	    "  shutdown = 86400; };\n"
+	    "auth = { failure_delay = 0.5; failure_window = 90.4; };\n");
+
+	ASSERT_EQ(cfg->timeouts.command_ms, 60000);
+	ASSERT_EQ(cfg->timeouts.data_ms, 2500);
+	ASSERT_EQ(cfg->timeouts.tls_handshake_ms, 250);
+	ASSERT_EQ(cfg->timeouts.shutdown_ms, 86400000);
+	ASSERT_EQ(cfg->auth.failure_delay_ms, 500);
+	ASSERT_EQ(cfg->auth.failure_window_s, 90);
+	config_unref(cfg);
+}
+
+TEST(duration_ranges)
+{
+	load_fail(MINIMAL "timeouts = { command = 0; };",
+	    "t.conf:2: 'command' must be between 0.001 and 86400 seconds");
+	load_fail(MINIMAL "timeouts = { data = -1.5; };",
+	    "'data' must be between");
+	load_fail(MINIMAL "timeouts = { shutdown = 86401; };",
+	    "'shutdown' must be between");
+	load_fail(MINIMAL "auth = { failure_delay = 61; };",
+	    "'failure_delay' must be between 0 and 60 seconds");
+	load_fail(MINIMAL "timeouts = { command = \"5\"; };",
+	    "t.conf:2: 'command' must be a number of seconds");
+}
+
+TEST(int64_size)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "limits = { max_message_size = 10737418240L; };\n");
+
+	ASSERT(cfg->limits.max_message_size == 10737418240ULL);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL
+	    "limits = { max_message_size = 1099511627776L; };");
+	ASSERT(cfg->limits.max_message_size == 1ULL << 40);
+	config_unref(cfg);
+	load_fail(MINIMAL "limits = { max_message_size = 1099511627777L; };",
+	    "'max_message_size' must be between 1024 and 1099511627776");
+	load_fail(MINIMAL "limits = { max_message_size = 1023; };",
+	    "'max_message_size' must be between");
+	load_fail(MINIMAL "limits = { max_message_size = 1.5; };",
+	    "'max_message_size' must be an integer");
+}
+
+TEST(type_errors)
+{
+	load_fail("hostname = 5;\n" MINIMAL,
+	    "t.conf:1: 'hostname' must be a string");
+	load_fail(MINIMAL "spool_dir = \"\";",
+	    "t.conf:2: 'spool_dir' must not be empty");
+	load_fail(MINIMAL "control = { mode = 600; };",
+	    "'mode' must be an octal string");
+	load_fail(MINIMAL "control = \"x\";",
+	    "t.conf:2: 'control' must be a group");
+	load_fail(MINIMAL "tls = { generate = \"yes\"; };",
+	    "'generate' must be a boolean");
+	load_fail("listeners = ( { address = \"::1\"; port = \"25\"; } );",
+	    "t.conf:1: 'port' must be an integer");
+	load_fail("listeners = ( { address = \"::1\"; port = 25.0; } );",
+	    "'port' must be an integer");
+	load_fail(MINIMAL "limits = { max_recipients = true; };",
+	    "'max_recipients' must be an integer");
+	load_fail(MINIMAL "log = { syslog = 1; };",
+	    "'syslog' must be a boolean");
+	load_fail(MINIMAL "log = { trace = \"smtp\"; };",
+	    "'trace' must be a list");
+	load_fail(MINIMAL "log = { trace = [ 1 ]; };",
+	    "'trace' entries must be strings");
+	load_fail(MINIMAL "relay_networks = \"10.0.0.0/8\";",
+	    "'relay_networks' must be a list");
+	load_fail(MINIMAL "relay_networks = [ 10 ];",
+	    "'relay_networks' entries must be strings");
+	load_fail("listeners = { address = \"::1\"; port = 25; };",
+	    "'listeners' must be a list");
+	load_fail("listeners = ( \"x\" );",
+	    "'listeners' entries must be groups");
+	load_fail(MINIMAL "users = ( 1 );", "'users' entries must be groups");
+}
+
+TEST(range_errors)
+{
+	load_fail(MINIMAL "limits = { max_recipients = 0; };",
+	    "'max_recipients' must be between 1 and 100000");
+	load_fail(MINIMAL "limits = { max_line_length = 511; };",
+	    "'max_line_length' must be between 512 and 65536");
+	load_fail(MINIMAL "limits = { max_errors = 1001; };",
+	    "'max_errors' must be between 1 and 1000");
+	load_fail(MINIMAL "limits = { max_connections = 1000001; };",
+	    "'max_connections' must be between 1 and 1000000");
+	load_fail(MINIMAL "auth = { max_failures = 0; };",
+	    "'max_failures' must be between 1 and 1000");
+	load_fail(MINIMAL "auth = { failure_window = 0.2; };",
+	    "'failure_window' must be between 1 and 86400 seconds");
+	load_fail(MINIMAL "control = { mode = \"0800\"; };",
+	    "'mode' must be an octal string");
+	load_fail(MINIMAL "control = { mode = \"1777\"; };",
+	    "'mode' must be an octal string");
+	load_fail(MINIMAL "hostname = \"bad_name.example\";",
+	    "t.conf:2: hostname 'bad_name.example' is not a valid domain name");
+	load_fail(MINIMAL "hostname = \"-a.example\";", "not a valid domain");
+	load_fail(MINIMAL "hostname = \"a..example\";", "not a valid domain");
+	load_fail(MINIMAL "hostname = \"example.com.\";", "not a valid domain");
+}
+
+TEST(unknown_key_top_level)
+{
+	load_fail(MINIMAL "\nfoo = 1;\n", "t.conf:3: unknown setting 'foo'");
+}
+
+TEST(unknown_key_nested)
+{
+	load_fail(MINIMAL
+	    "limits = {\n"
+	    "  max_errors = 3;\n"
+	    "  max_erorrs = 4;\n"
+	    "};\n",
+	    "t.conf:4: unknown setting 'max_erorrs' in 'limits'");
+	load_fail("listeners = (\n"
+	    "  { address = \"::1\"; port = 25;\n"
+	    "    auth = true; }\n"
+	    ");\n",
+	    "t.conf:3: unknown setting 'auth' in 'listeners'");
+	load_fail(MINIMAL "users = ( { name = \"a\"; password = \"x\"; } );",
+	    "t.conf:2: unknown setting 'password' in 'users'");
+	load_fail(MINIMAL "log = {\n trace = [ ];\n level = 3; };",
+	    "t.conf:4: unknown setting 'level' in 'log'");
+}
+
+TEST(missing_listeners)
+{
+	load_fail("spool_dir = \"/x\";\n", "t.conf: 'listeners' is required");
+	load_fail("listeners = ( );\n", "t.conf:1: 'listeners' must hold at "
+	    "least one");
+	load_fail("listeners = ( { port = 25; } );",
+	    "t.conf:1: listener is missing 'address'");
+	load_fail("listeners = ( { address = \"::\"; } );",
+	    "t.conf:1: listener is missing 'port'");
+}
+
+TEST(listener_errors)
+{
+	load_fail("listeners = ( { address = \"::1\"; port = 25;\n"
+	    "  tls = \"ssl\"; } );",
+	    "t.conf:2: 'tls' must be one of \"none\", \"starttls\" or "
+	    "\"implicit\"");
+	load_fail("listeners = ( { address = \"::1\"; port = 0; } );",
+	    "'port' must be between 1 and 65535");
+	load_fail("listeners = ( { address = \"::1\"; port = 65536; } );",
+	    "'port' must be between 1 and 65535");
+	load_fail("listeners = ( { address = \"localhost\"; port = 25; } );",
+	    "'address' must be a numeric IPv4 or IPv6 address, not "
+	    "'localhost'");
+}
+
+TEST(duplicate_listener)
+{
+	load_fail("listeners = (\n"
+	    "  { name = \"a\"; address = \"::1\"; port = 25; },\n"
+	    "  { name = \"b\"; address = \"0:0::1\"; port = 25; } );",
+	    "t.conf:3: listener 'b' uses the same address and port as 'a'");
+	load_fail("listeners = (\n"
+	    "  { name = \"a\"; address = \"::1\"; port = 25; },\n"
+	    "  { name = \"a\"; address = \"::1\"; port = 26; } );",
+	    "t.conf:3: listener name 'a' is used twice");
+
+	/* Same port on different addresses is fine. */
+	struct relay_config *cfg = load_ok("listeners = (\n"
+	    "  { address = \"127.0.0.1\"; port = 25; },\n"
+	    "  { address = \"::1\"; port = 25; } );");
+	ASSERT_EQ(cfg->nlisteners, 2);
+	config_unref(cfg);
+}
+
+TEST(relay_networks_v4)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "relay_networks = [ \"10.0.0.0/8\", \"192.0.2.7\", "
+	    "\"198.51.100.128/25\", \"0.0.0.0/0\" ];\n");
+
+	ASSERT_EQ(cfg->nrelay_nets, 4);
+	ASSERT_EQ(cfg->relay_nets[1].prefix, 32);
+	config_unref(cfg);
+
+	cfg = load_ok(MINIMAL "relay_networks = ( \"10.0.0.0/8\", "
+	    "\"192.0.2.7\", \"198.51.100.128/25\" );\n");
+	ASSERT(match4(cfg, "10.255.1.2"));
+	ASSERT(!match4(cfg, "11.0.0.1"));
+	ASSERT(match4(cfg, "192.0.2.7"));
+	ASSERT(!match4(cfg, "192.0.2.8"));
+	ASSERT(match4(cfg, "198.51.100.200"));
+	ASSERT(!match4(cfg, "198.51.100.127"));
+	ASSERT(!match6(cfg, "::1"));
+	ASSERT(!config_net_match(cfg, NULL));
+	config_unref(cfg);
+}
+
+TEST(relay_networks_v6_and_mapped)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "relay_networks = [ \"2001:db8::/32\", \"::1/128\",\n"
+	    "  \"127.0.0.0/8\", \"::ffff:192.0.2.0/120\", \"fe80::/10\" ];\n");
+
+	ASSERT(match6(cfg, "2001:db8:ffff::1"));
+	ASSERT(!match6(cfg, "2001:db9::1"));
+	ASSERT(match6(cfg, "::1"));
+	ASSERT(!match6(cfg, "::2"));
+	ASSERT(match6(cfg, "febf::1"));
+	ASSERT(!match6(cfg, "fec0::1"));
+	/* A dual-stack socket's view of IPv4 clients. */
+	ASSERT(match6(cfg, "::ffff:127.0.0.1"));
+	ASSERT(!match6(cfg, "::ffff:128.0.0.1"));
+	/* A v4-mapped network in the file is an IPv4 network. */
+	ASSERT_EQ(cfg->relay_nets[3].family, AF_INET);
+	ASSERT_EQ(cfg->relay_nets[3].prefix, 24);
+	ASSERT(match4(cfg, "192.0.2.99"));
+	ASSERT(match6(cfg, "::ffff:192.0.2.99"));
+	config_unref(cfg);
+}
+
+TEST(relay_networks_errors)
+{
+	load_fail(MINIMAL "relay_networks = [\n \"10.0.0.1/8\" ];",
+	    "t.conf:3: relay network '10.0.0.1/8' has host bits set; "
+	    "did you mean '10.0.0.0/8'?");
+	load_fail(MINIMAL "relay_networks = [ \"2001:db8::1/32\" ];",
+	    "did you mean '2001:db8::/32'?");
+	load_fail(MINIMAL "relay_networks = [ \"10.0.0.0/33\" ];",
+	    "relay network '10.0.0.0/33' is not an address or CIDR");
+	load_fail(MINIMAL "relay_networks = [ \"::/129\" ];", "not an address");
+	load_fail(MINIMAL "relay_networks = [ \"10.0.0.0/\" ];",
+	    "not an address");
+	load_fail(MINIMAL "relay_networks = [ \"10.0.0.0/+8\" ];",
+	    "not an address");
+	load_fail(MINIMAL "relay_networks = [ \"10.0.0/8\" ];",
+	    "not an address");
+	load_fail(MINIMAL "relay_networks = [ \"example.com\" ];",
+	    "relay network 'example.com' is not an address");
+}
+
+TEST(users)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "users = ( { name = \"Alice\"; password_hash = "
+	    "\"$y$j9T$abcdefgh$ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\"; },\n"
+	    "  { name = \"bob\"; password_hash = \"$2b$12$"
+	    "abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234\"; } );");
+
+	ASSERT_EQ(cfg->nusers, 2);
+	ASSERT(config_user_find(cfg, "Alice") == &cfg->users[0]);
+	ASSERT(config_user_find(cfg, "alice") == NULL);
+	ASSERT(config_user_find(cfg, "bob") == &cfg->users[1]);
+	ASSERT(config_user_find(cfg, "bo") == NULL);
+	ASSERT(config_user_find(cfg, NULL) == NULL);
+	ASSERT_STR_EQ(config_user_find(cfg, "bob")->hash, "$2b$12$"
+	    "abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234");
+	config_unref(cfg);
+}
+
+TEST(plaintext_password_rejected)
+{
+	static const char msg[] = "password_hash must be a crypt(3) hash "
+	    "such as $6$... or $y$...; generate one with: openssl passwd -6";
+
+	load_fail(MINIMAL "users = (\n { name = \"a\";\n"
+	    "   password_hash = \"hunter2\"; } );", msg);
+	load_fail(MINIMAL "users = (\n { name = \"a\";\n"
+	    "   password_hash = \"hunter2\"; } );", "t.conf:4: ");
+	load_fail(MINIMAL "users = ( { name = \"a\"; "
+	    "password_hash = \"$6$\"; } );", msg);
+	load_fail(MINIMAL "users = ( { name = \"a\"; "
+	    "password_hash = \"$6$salt$\"; } );", msg);
+	load_fail(MINIMAL "users = ( { name = \"a\"; "
+	    "password_hash = \"$9$salt$hash\"; } );", msg);
+	load_fail(MINIMAL "users = ( { name = \"a\"; "
+	    "password_hash = \"$6$sa lt$hash\"; } );", msg);
+	load_fail(MINIMAL "users = ( { name = \"a\"; } );",
+	    "user 'a' is missing 'password_hash'");
+	load_fail(MINIMAL "users = ( { password_hash = \"$1$s$h\"; } );",
+	    "user is missing 'name'");
+	load_fail(MINIMAL "users = ( { name = \"a b\"; "
+	    "password_hash = \"$1$s$h\"; } );", "must not contain spaces");
+}
+
+TEST(duplicate_user)
+{
+	load_fail(MINIMAL "users = (\n"
+	    " { name = \"a\"; password_hash = \"$1$s$h\"; },\n"
+	    " { name = \"a\"; password_hash = \"$5$s$h\"; } );",
+	    "t.conf:4: user 'a' is defined twice");
+}
+
+TEST(trace_names)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "log = { trace = ( \"io\", \"spool\", \"dlv\" ); };");
+
+	ASSERT_EQ(cfg->log.trace, TRACE_IO | TRACE_SPOOL | TRACE_DLV);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL "log = { trace = [ \"all\" ]; };");
+	ASSERT_EQ(cfg->log.trace, TRACE_SMTP | TRACE_IO | TRACE_SPOOL |
+	    TRACE_DNS | TRACE_DLV | TRACE_STATE);
+	config_unref(cfg);
+	load_fail(MINIMAL "log = {\n trace = [ \"smtp\", \"tls\" ]; };",
+	    "t.conf:3: unknown trace flag 'tls'");
+}
+
+TEST(syntax_error_line)
+{
+	load_fail("spool_dir = \"/x\";\n\nlimits = { max_errors = ; };\n",
+	    "t.conf:3: syntax error");
+	load_fail("a = 1;\na = 2;\n", "t.conf:2: duplicate setting name");
+}
+
+TEST(file_errors)
+{
+	struct relay_config *cfg = (void *)1;
+	char err[256];
+	int rc;
+
+	rc = config_load("/nonexistent/relay.conf", &cfg, err, sizeof err);
+	ASSERT_EQ(rc, -ENOENT);
+	ASSERT(cfg == NULL);
+	ASSERT_STR_EQ(err, "/nonexistent/relay.conf: No such file or "
+	    "directory");
+	rc = config_load("config", &cfg, err, sizeof err);
+	ASSERT_EQ(rc, -EISDIR);
+	/* A NULL error buffer is allowed. */
+	ASSERT_EQ(config_load_string("x = ;", "n", &cfg, NULL, 0),
+	    RELAY_ECONFIG);
+}
+
+TEST(file_line_numbers_and_include)
+{
+	char dir[] = "/tmp/test_config.XXXXXX", path[256], inc[256], err[256];
+	struct relay_config *cfg = NULL;
+	FILE *f;
+
+	ASSERT(mkdtemp(dir) != NULL);
+	snprintf(path, sizeof path, "%s/main.conf", dir);
+	snprintf(inc, sizeof inc, "%s/limits.conf", dir);
+	ASSERT((f = fopen(inc, "w")) != NULL);
+	fputs("limits = {\n  max_errors = 3;\n};\n", f);
+	fclose(f);
+	ASSERT((f = fopen(path, "w")) != NULL);
+	fputs(MINIMAL "@include \"limits.conf\"\n", f);
+	fclose(f);
+	ASSERT_EQ(config_load(path, &cfg, err, sizeof err), 0);
+	ASSERT_STR_EQ(cfg->path, path);
+	ASSERT_EQ(cfg->limits.max_errors, 3);
+	config_unref(cfg);
+
+	/* An error inside the included file names that file. */
+	ASSERT((f = fopen(inc, "w")) != NULL);
+	fputs("limits = {\n  max_errors = 0;\n};\n", f);
+	fclose(f);
+	ASSERT_EQ(config_load(path, &cfg, err, sizeof err), RELAY_ECONFIG);
+	ASSERT(strstr(err, "limits.conf:2: 'max_errors' must be between") !=
+	    NULL);
+
+	/* An error in the main file names it with its line. */
+	ASSERT((f = fopen(path, "w")) != NULL);
+	fputs(MINIMAL "\nbogus = 1;\n", f);
+	fclose(f);
+	ASSERT_EQ(config_load(path, &cfg, err, sizeof err), RELAY_ECONFIG);
+	ASSERT(strncmp(err, path, strlen(path)) == 0);
+	ASSERT_STR_EQ(err + strlen(path), ":3: unknown setting 'bogus'");
+	unlink(path);
+	snprintf(inc, sizeof inc, "%s/limits.conf", dir);
+	unlink(inc);
+	rmdir(dir);
+}
+
+TEST(ref_unref)
+{
+	struct relay_config *cfg = load_ok(MINIMAL);
+
+	ASSERT(config_ref(cfg) == cfg);
+	ASSERT_EQ(cfg->refs, 2);
+	config_unref(cfg);
+	ASSERT_EQ(cfg->refs, 1);
+	config_unref(cfg);	/* frees; ASan/valgrind catch leaks or reuse */
+	config_unref(NULL);
+	ASSERT(config_ref(NULL) == NULL);
+}
+
+TEST(example_file_loads)
+{
+	struct relay_config *cfg = NULL;
+	char err[512] = "";
+	int rc;
+
+	rc = config_load("config/relay.conf.example", &cfg, err, sizeof err);
+	if (rc != 0)
+		fprintf(stderr, "%s\n", err);
+	ASSERT_EQ(rc, 0);
+	ASSERT_STR_EQ(cfg->hostname, "relay.example.com");
+	ASSERT_STR_EQ(cfg->spool_dir, "/var/spool/relay");
+	ASSERT_EQ(cfg->nlisteners, 2);
+	ASSERT_STR_EQ(cfg->listeners[0].address, "0.0.0.0");
+	ASSERT_EQ(cfg->listeners[0].port, 587);
+	ASSERT_EQ(cfg->listeners[1].port, 465);
+	ASSERT_EQ(cfg->listeners[1].tls, CFG_TLS_IMPLICIT);
+	ASSERT_EQ(cfg->nusers, 1);
+	ASSERT(match4(cfg, "127.0.0.1"));
+	ASSERT(match6(cfg, "::1"));
+	ASSERT(!match4(cfg, "192.0.2.1"));
+	config_unref(cfg);
+}
+
+TEST(builtin_default_loads)
+{
+	struct relay_config *cfg = NULL;
+	const struct cfg_user *u;
+	char err[512] = "";
+	int rc;
+
+	rc = config_load_string(config_default_text(), "(built-in)", &cfg,
+	    err, sizeof err);
+	if (rc != 0)
+		fprintf(stderr, "%s\n", err);
+	ASSERT_EQ(rc, 0);
+	ASSERT_STR_EQ(cfg->path, "(built-in)");
+	ASSERT_STR_EQ(cfg->spool_dir, "var/spool");
+	ASSERT_STR_EQ(cfg->control_socket, "var/relayd.sock");
+	ASSERT_EQ(cfg->control_mode, 0600);
+	ASSERT_STR_EQ(cfg->tls_cert, "var/tls/cert.pem");
+	ASSERT_STR_EQ(cfg->tls_key, "var/tls/key.pem");
+	ASSERT(cfg->tls_generate);
+	ASSERT_EQ(cfg->nlisteners, 2);
+	ASSERT_STR_EQ(cfg->listeners[0].address, "127.0.0.1");
+	ASSERT_EQ(cfg->listeners[0].port, 587);
+	ASSERT_EQ(cfg->listeners[0].tls, CFG_TLS_STARTTLS);
+	ASSERT(cfg->listeners[0].auth_required);
+	ASSERT_STR_EQ(cfg->listeners[1].address, "127.0.0.1");
+	ASSERT_EQ(cfg->listeners[1].port, 465);
+	ASSERT_EQ(cfg->listeners[1].tls, CFG_TLS_IMPLICIT);
+	ASSERT(cfg->listeners[1].auth_required);
+	ASSERT_EQ(cfg->nrelay_nets, 0);
+	ASSERT((u = config_user_find(cfg, "demo")) != NULL);
+	ASSERT_STR_EQ(u->hash, "$6$relaydemo0123456$fAodBwV8Ah.Ty58qWnt8Xdkh"
+	    "ZAtYSEZExmjaOnNYaIDuSx6lIqXP6bxP//vqNGxJL.YrrzFShRkHcaoFr/pvh.");
+	config_unref(cfg);
+}
+
+TEST_MAIN("config",
+    TEST_ENTRY(defaults),
+    TEST_ENTRY(all_keys_set),
+    TEST_ENTRY(per_ip_default_follows_max_connections),
+    TEST_ENTRY(durations_int_and_float),
+    TEST_ENTRY(duration_ranges),
+    TEST_ENTRY(int64_size),
+    TEST_ENTRY(type_errors),
+    TEST_ENTRY(range_errors),
+    TEST_ENTRY(unknown_key_top_level),
+    TEST_ENTRY(unknown_key_nested),
+    TEST_ENTRY(missing_listeners),
+    TEST_ENTRY(listener_errors),
+    TEST_ENTRY(duplicate_listener),
+    TEST_ENTRY(relay_networks_v4),
+    TEST_ENTRY(relay_networks_v6_and_mapped),
+    TEST_ENTRY(relay_networks_errors),
+    TEST_ENTRY(users),
+    TEST_ENTRY(plaintext_password_rejected),
+    TEST_ENTRY(duplicate_user),
+    TEST_ENTRY(trace_names),
+    TEST_ENTRY(syntax_error_line),
+    TEST_ENTRY(file_errors),
+    TEST_ENTRY(file_line_numbers_and_include),
+    TEST_ENTRY(ref_unref),
+    TEST_ENTRY(example_file_loads),
+    TEST_ENTRY(builtin_default_loads))
