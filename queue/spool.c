@@ -149,7 +149,7 @@ struct spool_msg {
 	uint64_t size;			/* body bytes accepted */
 	char *wbuf;			/* SPOOL_WBUF bytes, allocated lazily */
 	size_t wlen;			/* bytes waiting in wbuf */
-	struct envelope env;		/* moved in by spool_msg_commit */
+	struct envelope *env;		/* owned from spool_msg_commit on */
 	struct buf envtext;		/* formatted env for the worker */
 	spool_commit_cb cb;		/* NULL once aborted after commit */
 	void *arg;			/* for cb */
@@ -171,9 +171,7 @@ struct spool_recovery {
 	size_t removed;			/* files deleted */
 };
 
-static int spool_mkdirs(const char *, char *, size_t);
-static int spool_opendir(struct spool *, const char *, int *, char *,
-    size_t);
+static int spool_mkdirs(struct spool *, char *, size_t);
 static uint64_t spool_id_next(struct spool *);
 static void spool_id_text(uint64_t, char *);
 static bool spool_id_parse(const char *, size_t, uint64_t *);
@@ -193,16 +191,16 @@ static void spool_on_sync_done(uv_work_t *, int);
 static void spool_commit_undo(struct spool *, struct spool_waiter *);
 static void spool_commit_synced(struct spool *, struct spool_waiter *, int);
 static int spool_recover(struct spool *, char *, size_t);
-static int spool_recover_incoming(struct spool *, struct spool_recovery *,
-    char *, size_t);
-static int spool_recover_scan(struct spool *, struct spool_recovery *,
+static int spool_recover_dir(struct spool *, struct spool_recovery *,
     struct spool_found **, size_t *, char *, size_t);
-static void spool_recover_one(struct spool *, struct spool_recovery *,
-    uint64_t, bool, bool);
-static void spool_quarantine(struct spool *, struct spool_recovery *, int,
-    const char *, const char *, const char *);
 static const char *spool_recover_check(struct spool *, const char *,
     struct envelope *, char *, size_t);
+static void spool_recover_one(struct spool *, struct spool_recovery *,
+    uint64_t, bool, bool);
+static void spool_remove(struct spool_recovery *, int, const char *,
+    const char *, const char *);
+static void spool_quarantine(struct spool *, struct spool_recovery *, int,
+    const char *, const char *, const char *);
 static int spool_found_cmp(const void *, const void *);
 
 /* spool_open - create directories, lock, recover, index; see spool.h */
@@ -226,7 +224,7 @@ spool_open(uv_loop_t *loop, const char *dir, struct spool **out,
 	sp->nbuckets = SPOOL_NBUCKETS;
 	sp->buckets = xcalloc(sp->nbuckets, sizeof *sp->buckets);
 
-	if ((rc = spool_mkdirs(dir, err, errlen)) != 0)
+	if ((rc = spool_mkdirs(sp, err, errlen)) != 0)
 		goto fail;
 	/*
 	 * One process per spool: recovery empties incoming/, which would
@@ -242,13 +240,6 @@ spool_open(uv_loop_t *loop, const char *dir, struct spool **out,
 		    "spool in use by another process" : relay_strerror(rc));
 	free(path);
 	if (rc != 0)
-		goto fail;
-	if ((rc = spool_opendir(sp, "incoming", &sp->incoming_fd, err,
-	    errlen)) != 0 ||
-	    (rc = spool_opendir(sp, "queue", &sp->queue_fd, err,
-	    errlen)) != 0 ||
-	    (rc = spool_opendir(sp, "quarantine", &sp->quarantine_fd, err,
-	    errlen)) != 0)
 		goto fail;
 	/* Random low bits keep ids unique across restarts within a second. */
 	if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
@@ -298,57 +289,45 @@ spool_busy(const struct spool *sp)
 	return sp->jobs > 0 || sp->syncing || sp->wait_head != NULL;
 }
 
-/* spool_mkdirs - mkdir -p dir and its three subdirectories, mode 0700 */
+/*
+ * spool_mkdirs - mkdir -p the root (mode 0700), then create and open
+ * incoming/, queue/ and quarantine/ as directory fds.
+ */
 static int
-spool_mkdirs(const char *dir, char *err, size_t errlen)
+spool_mkdirs(struct spool *sp, char *err, size_t errlen)
 {
-	static const char *const subs[] = { "", "/incoming", "/queue",
-	    "/quarantine" };
-	char *path = NULL;
-	int rc = 0;
+	static const char *const subs[] = { "incoming", "queue",
+	    "quarantine" };
+	int *fds[] = { &sp->incoming_fd, &sp->queue_fd, &sp->quarantine_fd };
+	char *path = xstrdup(sp->dir);
+	const char *what = "mkdir";
+	int rc = path[0] == '\0' ? -EINVAL : 0;
 
+	for (char *s = path + 1; rc == 0; s++) {
+		if (*s != '/' && *s != '\0')
+			continue;
+		char c = *s;
+		*s = '\0';
+		if (mkdir(path, 0700) < 0 && errno != EEXIST)
+			rc = -errno;
+		*s = c;
+		if (c == '\0')
+			break;
+	}
 	for (size_t i = 0; i < ARRAY_SIZE(subs) && rc == 0; i++) {
-		struct stat st;
-
 		free(path);
-		path = xasprintf("%s%s", dir, subs[i]);
-		/* Parents first (only for the root; subs have it by then). */
-		for (char *s = path + 1; i == 0 && *s; s++) {
-			if (*s != '/')
-				continue;
-			*s = '\0';
-			if (mkdir(path, 0700) < 0 && errno != EEXIST)
-				rc = -errno;
-			*s = '/';
-			if (rc != 0)
-				break;
+		path = xasprintf("%s/%s", sp->dir, subs[i]);
+		if (mkdir(path, 0700) < 0 && errno != EEXIST)
+			rc = -errno;
+		else if ((*fds[i] = open(path, O_RDONLY | O_DIRECTORY |
+		    O_CLOEXEC)) < 0) {
+			rc = -errno;
+			what = "open";
 		}
-		if (rc == 0 && mkdir(path, 0700) < 0 && errno != EEXIST)
-			rc = -errno;
-		if (rc == 0 && stat(path, &st) < 0)
-			rc = -errno;
-		if (rc == 0 && !S_ISDIR(st.st_mode))
-			rc = -ENOTDIR;
 	}
 	if (rc != 0)
-		snprintf(err, errlen, "mkdir %s: %s", path,
+		snprintf(err, errlen, "%s %s: %s", what, path,
 		    relay_strerror(rc));
-	free(path);
-	return rc;
-}
-
-/* spool_opendir - open <dir>/<sub> as a directory fd */
-static int
-spool_opendir(struct spool *sp, const char *sub, int *fd, char *err,
-    size_t errlen)
-{
-	char *path = xasprintf("%s/%s", sp->dir, sub);
-	int rc = 0;
-
-	if ((*fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
-		rc = -errno;
-		snprintf(err, errlen, "open %s: %s", path, relay_strerror(rc));
-	}
 	free(path);
 	return rc;
 }
@@ -553,7 +532,6 @@ spool_msg_new(struct spool *sp, struct spool_msg **out)
 	m->sp = sp;
 	m->fd = fd;
 	m->state = SPOOL_MSG_OPEN;
-	envelope_init(&m->env);
 	buf_init(&m->envtext);
 	*out = m;
 	return 0;
@@ -633,7 +611,10 @@ spool_msg_write(struct spool_msg *m, const void *data, size_t len)
 static void
 spool_msg_free(struct spool_msg *m)
 {
-	envelope_free(&m->env);
+	if (m->env) {
+		envelope_free(m->env);
+		free(m->env);
+	}
 	buf_free(&m->envtext);
 	free(m->wbuf);
 	free(m);
@@ -683,13 +664,11 @@ spool_msg_commit(struct spool_msg *m, struct envelope *env,
 	m->cb = cb;
 	m->arg = arg;
 	m->t_commit = time_now_ms();
-	/* Move the contents: the caller's struct may be on its stack. */
-	m->env = *env;
-	envelope_init(env);
-	str_copy(m->env.id, m->id, sizeof m->env.id);
-	m->env.size = m->size;
+	m->env = env;
+	str_copy(env->id, m->id, sizeof env->id);
+	env->size = m->size;
 	if (m->err == 0)
-		envelope_format(&m->env, &m->envtext);
+		envelope_format(env, &m->envtext);
 	/*
 	 * Even a message with a sticky error goes through the pool: its
 	 * cleanup (unlinking a possibly large body) blocks, and the
@@ -886,8 +865,9 @@ spool_commit_synced(struct spool *sp, struct spool_waiter *w, int status)
 		return;
 	}
 	e = xcalloc(1, sizeof *e);
-	e->env = m->env;
-	envelope_init(&m->env);
+	/* The index embeds the struct; the heap shell is freed with m. */
+	e->env = *m->env;
+	envelope_init(m->env);
 	if (!spool_id_parse(e->env.id, strlen(e->env.id), &e->key))
 		relay_panic("%s spool bad id", e->env.id);
 	spool_index_add(sp, e);
@@ -922,11 +902,12 @@ spool_recover(struct spool *sp, char *err, size_t errlen)
 	size_t nfound = 0, i, j;
 	int rc;
 
-	if ((rc = spool_recover_incoming(sp, &rec, err, errlen)) != 0)
+	if ((rc = spool_recover_dir(sp, &rec, NULL, NULL, err, errlen)) != 0 ||
+	    (rc = spool_recover_dir(sp, &rec, &found, &nfound, err,
+	    errlen)) != 0) {
+		free(found);
 		return rc;
-	if ((rc = spool_recover_scan(sp, &rec, &found, &nfound, err,
-	    errlen)) != 0)
-		return rc;
+	}
 	/* Sorted: pairs meet, and the index is built by appending. */
 	if (nfound > 0)
 		qsort(found, nfound, sizeof *found, spool_found_cmp);
@@ -951,101 +932,55 @@ spool_recover(struct spool *sp, char *err, size_t errlen)
 	return 0;
 }
 
-/* spool_recover_incoming - delete what unfinished sessions left behind */
+/*
+ * spool_recover_dir - walk incoming/ (found == NULL: unfinished sessions,
+ * all removed) or queue/ (strictly named regular files go to *found,
+ * *.env.tmp is an unfinished rewrite and removed, the rest quarantined).
+ */
 static int
-spool_recover_incoming(struct spool *sp, struct spool_recovery *rec,
-    char *err, size_t errlen)
+spool_recover_dir(struct spool *sp, struct spool_recovery *rec,
+    struct spool_found **found, size_t *nfound, char *err, size_t errlen)
 {
-	char lv[300];
+	const char *sub = found ? "queue" : "incoming";
+	size_t cap = 0;
 	struct dirent *de;
 	DIR *d;
 	int fd, rc = 0;
 
 	/* A fresh open file description: readdir must not move ours. */
-	if ((fd = openat(sp->incoming_fd, ".", O_RDONLY | O_DIRECTORY |
-	    O_CLOEXEC)) < 0 || (d = fdopendir(fd)) == NULL) {
+	if ((fd = openat(found ? sp->queue_fd : sp->incoming_fd, ".",
+	    O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 ||
+	    (d = fdopendir(fd)) == NULL) {
 		rc = -errno;
 		if (fd >= 0)
 			close(fd);
-		snprintf(err, errlen, "%s/incoming: %s", sp->dir,
+		snprintf(err, errlen, "%s/%s: %s", sp->dir, sub,
 		    relay_strerror(rc));
 		return rc;
 	}
 	while ((errno = 0, de = readdir(d)) != NULL) {
-		if (strcmp(de->d_name, ".") == 0 ||
-		    strcmp(de->d_name, "..") == 0)
-			continue;
-		log_value(lv, sizeof lv, de->d_name);
-		if (unlinkat(fd, de->d_name, 0) == 0) {
-			rec->removed++;
-			log_info("spool recover removed=incoming/%s", lv);
-		} else if (errno == EISDIR || errno == EPERM) {
-			/* Not ours (a directory): keep it for a human. */
-			spool_quarantine(sp, rec, fd, "incoming", de->d_name,
-			    "not a regular file");
-		} else
-			log_warn("spool recover unlink incoming/%s", lv);
-	}
-	if (errno != 0) {
-		rc = -errno;
-		snprintf(err, errlen, "readdir %s/incoming: %s", sp->dir,
-		    relay_strerror(rc));
-	}
-	closedir(d);
-	return rc;
-}
-
-/*
- * spool_recover_scan - list queue/: strictly named regular files are
- * returned in *found, *.env.tmp (an unfinished rewrite) is removed, and
- * anything else is quarantined.
- */
-static int
-spool_recover_scan(struct spool *sp, struct spool_recovery *rec,
-    struct spool_found **found, size_t *nfound, char *err, size_t errlen)
-{
-	size_t cap = 0;
-	char lv[300];
-	struct dirent *de;
-	DIR *d;
-	int fd, rc = 0;
-
-	if ((fd = openat(sp->queue_fd, ".", O_RDONLY | O_DIRECTORY |
-	    O_CLOEXEC)) < 0 || (d = fdopendir(fd)) == NULL) {
-		rc = -errno;
-		if (fd >= 0)
-			close(fd);
-		snprintf(err, errlen, "%s/queue: %s", sp->dir,
-		    relay_strerror(rc));
-		return rc;
-	}
-	while ((errno = 0, de = readdir(d)) != NULL) {
-		enum spool_kind kind;
+		const char *name = de->d_name;
+		enum spool_kind kind = SPOOL_KIND_MSG;	/* incoming/: unused */
 		struct stat st;
-		uint64_t key;
+		uint64_t key = 0;
 
-		if (strcmp(de->d_name, ".") == 0 ||
-		    strcmp(de->d_name, "..") == 0)
+		if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
 			continue;
-		if (!spool_name_parse(de->d_name, &key, &kind)) {
-			spool_quarantine(sp, rec, fd, "queue", de->d_name,
-			    "bad name");
+		if (found && !spool_name_parse(name, &key, &kind)) {
+			spool_quarantine(sp, rec, fd, sub, name, "bad name");
 			continue;
 		}
+		/* d_type may be DT_UNKNOWN (xfs without ftype, some NFS). */
 		if (de->d_type != DT_REG && (de->d_type != DT_UNKNOWN ||
-		    fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+		    fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
 		    !S_ISREG(st.st_mode))) {
-			spool_quarantine(sp, rec, fd, "queue", de->d_name,
+			/* Not something we make: keep it for a human. */
+			spool_quarantine(sp, rec, fd, sub, name,
 			    "not a regular file");
 			continue;
 		}
-		if (kind == SPOOL_KIND_TMP) {
-			log_value(lv, sizeof lv, de->d_name);
-			if (unlinkat(fd, de->d_name, 0) == 0) {
-				rec->removed++;
-				log_info("spool recover removed=queue/%s", lv);
-			} else
-				log_warn("spool recover unlink queue/%s", lv);
+		if (found == NULL || kind == SPOOL_KIND_TMP) {
+			spool_remove(rec, fd, sub, name, NULL);
 			continue;
 		}
 		if (*nfound == cap) {
@@ -1053,12 +988,11 @@ spool_recover_scan(struct spool *sp, struct spool_recovery *rec,
 			*found = xrealloc(*found, cap * sizeof **found);
 		}
 		(*found)[*nfound].key = key;
-		(*found)[*nfound].kind = kind;
-		(*nfound)++;
+		(*found)[(*nfound)++].kind = kind;
 	}
 	if (errno != 0) {
 		rc = -errno;
-		snprintf(err, errlen, "readdir %s/queue: %s", sp->dir,
+		snprintf(err, errlen, "readdir %s/%s: %s", sp->dir, sub,
 		    relay_strerror(rc));
 	}
 	closedir(d);
@@ -1067,7 +1001,7 @@ spool_recover_scan(struct spool *sp, struct spool_recovery *rec,
 
 /*
  * spool_recover_check - load queue/<id>.env into env and check it against
- * its name and its body. Returns NULL, or why it is bad (in why or static).
+ * its name and its body. Returns NULL, or why it is bad (in why).
  */
 static const char *
 spool_recover_check(struct spool *sp, const char *id, struct envelope *env,
@@ -1113,7 +1047,7 @@ spool_recover_one(struct spool *sp, struct spool_recovery *rec,
     uint64_t key, bool have_msg, bool have_env)
 {
 	char id[ENVELOPE_ID_LEN + 1], msgname[SPOOL_NAME_MAX];
-	char envname[SPOOL_NAME_MAX], why[256], lv[300];
+	char envname[SPOOL_NAME_MAX], why[256];
 	struct spool_entry *e;
 	const char *bad;
 
@@ -1122,13 +1056,8 @@ spool_recover_one(struct spool *sp, struct spool_recovery *rec,
 	snprintf(envname, sizeof envname, "%s.env", id);
 	if (!have_env) {
 		/* Its commit never reached the envelope rename: never acked. */
-		if (unlinkat(sp->queue_fd, msgname, 0) == 0) {
-			rec->removed++;
-			log_info("%s spool recover removed=queue/%s "
-			    "reason=\"no envelope\"", id, msgname);
-		} else
-			log_warn("%s spool recover unlink queue/%s", id,
-			    msgname);
+		spool_remove(rec, sp->queue_fd, "queue", msgname,
+		    "no envelope");
 		return;
 	}
 	if (!have_msg) {
@@ -1141,10 +1070,9 @@ spool_recover_one(struct spool *sp, struct spool_recovery *rec,
 	    sizeof why)) != NULL) {
 		envelope_free(&e->env);
 		free(e);
-		log_value(lv, sizeof lv, bad);
 		/* Body first: a lone .env is quarantined again next time. */
-		spool_quarantine(sp, rec, sp->queue_fd, "queue", msgname, lv);
-		spool_quarantine(sp, rec, sp->queue_fd, "queue", envname, lv);
+		spool_quarantine(sp, rec, sp->queue_fd, "queue", msgname, bad);
+		spool_quarantine(sp, rec, sp->queue_fd, "queue", envname, bad);
 		return;
 	}
 	e->key = key;
@@ -1154,23 +1082,39 @@ spool_recover_one(struct spool *sp, struct spool_recovery *rec,
 		sp->last_id = key;
 }
 
+/* spool_remove - unlink <sub>/<name> during recovery and log it */
+static void
+spool_remove(struct spool_recovery *rec, int dirfd, const char *sub,
+    const char *name, const char *reason)
+{
+	char lv[300];
+
+	log_value(lv, sizeof lv, name);
+	if (unlinkat(dirfd, name, 0) < 0) {
+		log_warn("spool recover unlink %s/%s", sub, lv);
+		return;
+	}
+	rec->removed++;
+	if (reason)
+		log_info("spool recover removed=%s/%s reason=\"%s\"", sub, lv,
+		    reason);
+	else
+		log_info("spool recover removed=%s/%s", sub, lv);
+}
+
 /*
- * spool_quarantine - move <from>/<name> to quarantine/ (with a numeric
- * suffix if that name is taken) and log why. reason is already a log value
- * or a plain phrase.
+ * spool_quarantine - move <sub>/<name> to quarantine/ (with a numeric
+ * suffix if that name is taken) and log a warning with the reason.
  */
 static void
-spool_quarantine(struct spool *sp, struct spool_recovery *rec, int fromfd,
-    const char *from, const char *name, const char *reason)
+spool_quarantine(struct spool *sp, struct spool_recovery *rec, int dirfd,
+    const char *sub, const char *name, const char *reason)
 {
 	char target[NAME_MAX + 16], lv[300], rv[300];
 	struct stat st;
 
 	log_value(lv, sizeof lv, name);
-	if (reason[0] == '"')
-		str_copy(rv, reason, sizeof rv);
-	else
-		log_value(rv, sizeof rv, reason);
+	log_value(rv, sizeof rv, reason);
 	for (int n = 0; n < 1000; n++) {
 		if (n == 0)
 			snprintf(target, sizeof target, "%s", name);
@@ -1180,11 +1124,11 @@ spool_quarantine(struct spool *sp, struct spool_recovery *rec, int fromfd,
 		    AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT)
 			break;
 	}
-	if (renameat(fromfd, name, sp->quarantine_fd, target) < 0) {
-		log_warn("spool recover quarantine %s/%s reason=%s", from, lv,
+	if (renameat(dirfd, name, sp->quarantine_fd, target) < 0) {
+		log_warn("spool recover quarantine %s/%s reason=%s", sub, lv,
 		    rv);
 		return;
 	}
 	rec->quarantined++;
-	log_warnx("spool recover quarantined=%s/%s reason=%s", from, lv, rv);
+	log_warnx("spool recover quarantined=%s/%s reason=%s", sub, lv, rv);
 }

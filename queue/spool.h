@@ -7,6 +7,7 @@
  *   queue/<id>.msg      committed body (immutable)
  *   queue/<id>.env      committed envelope; its presence IS the commit
  *   quarantine/         entries that failed to parse at recovery
+ *   lock                flock()ed while a process has the spool open
  *
  * Commit: fsync body and envelope on the libuv thread pool, rename the body
  * then the envelope into queue/, then fsync queue/. Directory fsyncs are
@@ -34,7 +35,8 @@ typedef void (*spool_commit_cb)(void *arg, int status, const char *id);
  * incoming/ is emptied (unfinished sessions), queue/ entries are parsed
  * into the index, a corrupt or truncated one is moved to quarantine/ with
  * a log line, a body without an envelope is removed. Returns 0 or -errno /
- * RELAY_E*, with err filled for a human.
+ * RELAY_E*, with err filled for a human; -EBUSY if the spool is already
+ * open (in this or another process).
  */
 int spool_open(uv_loop_t *loop, const char *dir, struct spool **out,
     char *err, size_t errlen);
@@ -59,10 +61,13 @@ uint64_t spool_msg_size(const struct spool_msg *m);
 int spool_msg_write(struct spool_msg *m, const void *data, size_t len);
 
 /*
- * spool_msg_commit - make the message durable. Takes ownership of env
- * (its id and size are filled in here). cb runs later from the loop, never
- * inside this call, with 0 once the message is durably queued and indexed,
- * or -errno if it could not be (then nothing of it remains on disk).
+ * spool_msg_commit - make the message durable. Takes ownership of env,
+ * which must be heap-allocated (the spool envelope_free()s and free()s it;
+ * the caller forgets the pointer); its id and size are filled in here.
+ * m, too, belongs to the spool from this call on. cb runs later from the
+ * loop, never inside this call, with 0 once the message is durably queued
+ * and indexed (id valid during the call), or -errno and a NULL id if it
+ * could not be (then nothing of it remains on disk).
  */
 void spool_msg_commit(struct spool_msg *m, struct envelope *env,
     spool_commit_cb cb, void *arg);

@@ -3,8 +3,8 @@
  * and the per-address failure limiter.
  *
  * Verification always runs crypt_r, even for an unknown user (against a
- * fixed dummy hash), and compares in constant time, so response timing does
- * not reveal which logins exist. The limiter is an addrmap keyed by client
+ * configured hash of the same cost), and compares in constant time, so
+ * response timing does not reveal which logins exist. The limiter is an addrmap keyed by client
  * address (count = failures, stamp = window start); entries expire lazily.
  */
 #include <crypt.h>
@@ -36,9 +36,8 @@ struct auth_req {
 static void auth_on_work(uv_work_t *w);
 static void auth_on_done(uv_work_t *w, int status);
 
-/* A valid $6$ hash of a random string: unknown users cost the same time. */
-static const char auth_dummy_hash[] =
-    "$6$Q9c1dummysalt$0fQbK5gWk3h0Sxy1b2gqQn9GzX8o6m2zq5xW0fN7k3mS1cR8sT2vU4wY6aB8dE0gH2jL4nP6rT8vX0zA2cE4gI6";
+/* Only the salt of a $6$ hash matters to crypt: the cost of a check. */
+static const char auth_dummy_hash[] = "$6$relaydummysalt$x";
 
 struct auth_req *
 auth_verify(uv_loop_t *loop, struct relay_config *cfg, const char *user,
@@ -69,7 +68,12 @@ auth_on_work(uv_work_t *w)
 {
 	struct auth_req *r = w->data;
 	const struct cfg_user *u = config_user_find(r->cfg, r->user);
-	const char *hash = u ? u->hash : auth_dummy_hash;
+	/*
+	 * An unknown login still pays for a hash of the same algorithm and
+	 * cost as a real one, so timing does not tell which logins exist.
+	 */
+	const char *hash = u ? u->hash :
+	    r->cfg->nusers ? r->cfg->users[0].hash : auth_dummy_hash;
 	struct crypt_data *cd = xcalloc(1, sizeof *cd);
 	const char *out = crypt_r(r->password, hash, cd);
 

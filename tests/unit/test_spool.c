@@ -47,7 +47,7 @@ static int count_files(const struct fixture *, const char *);
 static bool file_exists(const struct fixture *, const char *, const char *);
 static void put_file(const struct fixture *, const char *, const char *,
     const void *, size_t);
-static void make_env(struct envelope *, const char *);
+static struct envelope *make_env(const char *);
 static void on_commit(void *, int, const char *);
 static struct spool_msg *commit_one(struct fixture *, const char *,
     struct result *);
@@ -155,10 +155,11 @@ put_file(const struct fixture *fx, const char *sub, const char *name,
 	close(fd);
 }
 
-/* make_env - a plausible envelope with two recipients */
-static void
-make_env(struct envelope *env, const char *sender)
+/* make_env - a plausible heap envelope with two recipients */
+static struct envelope *
+make_env(const char *sender)
 {
+	struct envelope *env = xmalloc(sizeof *env);
 	struct env_rcpt *r;
 
 	envelope_init(env);
@@ -173,6 +174,7 @@ make_env(struct envelope *env, const char *sender)
 	r->notify = ENV_NOTIFY_FAILURE | ENV_NOTIFY_DELAY;
 	r->last_reply = xstrdup("451 4.7.1 try\r\nlater +=");
 	envelope_add_rcpt(env, "\xc3\xa9l\xc3\xa8ve@\xc3\xa9" "cole.example");
+	return env;
 }
 
 /* on_commit - record the callback */
@@ -192,14 +194,11 @@ static struct spool_msg *
 commit_one(struct fixture *fx, const char *body, struct result *res)
 {
 	struct spool_msg *m;
-	struct envelope env;
 
 	memset(res, 0, sizeof *res);
 	ASSERT_EQ(spool_msg_new(fx->sp, &m), 0);
 	ASSERT_EQ(spool_msg_write(m, body, strlen(body)), 0);
-	make_env(&env, "sender@example.com");
-	spool_msg_commit(m, &env, on_commit, res);
-	ASSERT_EQ(env.nrcpts, 0);	/* moved into the spool */
+	spool_msg_commit(m, make_env("sender@example.com"), on_commit, res);
 	return m;
 }
 
@@ -208,21 +207,21 @@ static void
 put_message(const struct fixture *fx, const char *id, const char *body,
     size_t envsize)
 {
-	struct envelope env;
+	struct envelope *env = make_env("hand@example.com");
 	struct buf t;
 	char name[32];
 
-	make_env(&env, "hand@example.com");
-	str_copy(env.id, id, sizeof env.id);
-	env.size = envsize;
+	str_copy(env->id, id, sizeof env->id);
+	env->size = envsize;
 	buf_init(&t);
-	envelope_format(&env, &t);
+	envelope_format(env, &t);
 	snprintf(name, sizeof name, "%s.msg", id);
 	put_file(fx, "queue", name, body, strlen(body));
 	snprintf(name, sizeof name, "%s.env", id);
 	put_file(fx, "queue", name, t.data, t.len);
 	buf_free(&t);
-	envelope_free(&env);
+	envelope_free(env);
+	free(env);
 }
 
 /* collect_id - spool_foreach visitor appending ids to a struct buf */
@@ -237,7 +236,7 @@ TEST(commit_reopen)
 	static const char body[] = "Subject: hi\r\n\r\nbody\r\n";
 	struct fixture fx;
 	struct result res;
-	struct envelope want;
+	struct envelope *want;
 	const struct envelope *got;
 	char name[32], path[256], *data;
 	size_t len;
@@ -255,20 +254,21 @@ TEST(commit_reopen)
 	fx_reopen(&fx);
 	ASSERT_EQ(spool_count(fx.sp), 1);
 	ASSERT((got = spool_find(fx.sp, res.id)) != NULL);
-	make_env(&want, "sender@example.com");
+	want = make_env("sender@example.com");
 	ASSERT_STR_EQ(got->id, res.id);
 	ASSERT_EQ(got->size, sizeof body - 1);
-	ASSERT_STR_EQ(got->sender, want.sender);
-	ASSERT_STR_EQ(got->helo, want.helo);
-	ASSERT_STR_EQ(got->auth_user, want.auth_user);
-	ASSERT_EQ(got->body, want.body);
+	ASSERT_STR_EQ(got->sender, want->sender);
+	ASSERT_STR_EQ(got->helo, want->helo);
+	ASSERT_STR_EQ(got->auth_user, want->auth_user);
+	ASSERT_EQ(got->body, want->body);
 	ASSERT_EQ(got->smtputf8, true);
 	ASSERT_EQ(got->nrcpts, 2);
-	ASSERT_STR_EQ(got->rcpts[0].addr, want.rcpts[0].addr);
-	ASSERT_STR_EQ(got->rcpts[0].last_reply, want.rcpts[0].last_reply);
-	ASSERT_EQ(got->rcpts[0].notify, want.rcpts[0].notify);
-	ASSERT_STR_EQ(got->rcpts[1].addr, want.rcpts[1].addr);
-	envelope_free(&want);
+	ASSERT_STR_EQ(got->rcpts[0].addr, want->rcpts[0].addr);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, want->rcpts[0].last_reply);
+	ASSERT_EQ(got->rcpts[0].notify, want->rcpts[0].notify);
+	ASSERT_STR_EQ(got->rcpts[1].addr, want->rcpts[1].addr);
+	envelope_free(want);
+	free(want);
 
 	snprintf(name, sizeof name, "%s.msg", res.id);
 	snprintf(path, sizeof path, "%s/queue/%s", fx.dir, name);
@@ -286,7 +286,6 @@ TEST(callback_not_inline)
 	struct fixture fx;
 	struct result ok, bad;
 	struct spool_msg *m;
-	struct envelope env;
 
 	fx_setup(&fx);
 	fx_open(&fx);
@@ -297,8 +296,7 @@ TEST(callback_not_inline)
 	/* The error path is deferred too: the message is already failed. */
 	memset(&bad, 0, sizeof bad);
 	ASSERT_EQ(spool_msg_new(fx.sp, &m), 0);
-	make_env(&env, "");
-	spool_msg_commit(m, &env, on_commit, &bad);
+	spool_msg_commit(m, make_env(""), on_commit, &bad);
 	ASSERT_EQ(bad.calls, 0);
 
 	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
@@ -374,7 +372,6 @@ on_chain(void *arg, int status, const char *id)
 {
 	struct chain *c = arg;
 	struct spool_msg *m;
-	struct envelope env;
 
 	ASSERT_EQ(status, 0);
 	ASSERT(spool_find(c->fx->sp, id) != NULL);	/* indexed before cb */
@@ -383,8 +380,7 @@ on_chain(void *arg, int status, const char *id)
 		return;
 	ASSERT_EQ(spool_msg_new(c->fx->sp, &m), 0);
 	ASSERT_EQ(spool_msg_write(m, "y", 1), 0);
-	make_env(&env, "chain@example.com");
-	spool_msg_commit(m, &env, on_chain, c);
+	spool_msg_commit(m, make_env("chain@example.com"), on_chain, c);
 }
 
 TEST(chain_commits)
@@ -392,13 +388,11 @@ TEST(chain_commits)
 	struct fixture fx;
 	struct chain c = { &fx, 4, 0, { 0, 0, "" } };
 	struct spool_msg *m;
-	struct envelope env;
 
 	fx_setup(&fx);
 	fx_open(&fx);
 	ASSERT_EQ(spool_msg_new(fx.sp, &m), 0);
-	make_env(&env, "chain@example.com");
-	spool_msg_commit(m, &env, on_chain, &c);
+	spool_msg_commit(m, make_env("chain@example.com"), on_chain, &c);
 	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
 	ASSERT_EQ(c.done, 5);
 	ASSERT_EQ(spool_count(fx.sp), 5);
@@ -450,7 +444,6 @@ TEST(write_error_sticky)
 	struct fixture fx;
 	struct result res;
 	struct spool_msg *m;
-	struct envelope env;
 	struct rlimit rl = { 100000, 100000 };
 	static char chunk[30000];
 	int rc = 0, i;
@@ -468,9 +461,8 @@ TEST(write_error_sticky)
 	/* Sticky: the session keeps reading DATA and answers at the end. */
 	ASSERT_EQ(spool_msg_write(m, "x", 1), -EFBIG);
 	ASSERT_EQ(spool_msg_write(m, chunk, sizeof chunk), -EFBIG);
-	make_env(&env, "s@example.com");
 	memset(&res, 0, sizeof res);
-	spool_msg_commit(m, &env, on_commit, &res);
+	spool_msg_commit(m, make_env("s@example.com"), on_commit, &res);
 	ASSERT_EQ(res.calls, 0);
 	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
 	ASSERT_EQ(res.calls, 1);
@@ -633,7 +625,6 @@ TEST(large_message_rss)
 	struct fixture fx;
 	struct result res;
 	struct spool_msg *m;
-	struct envelope env;
 	struct rusage before, after;
 	char *chunk;
 	const struct envelope *got;
@@ -649,9 +640,8 @@ TEST(large_message_rss)
 	for (size_t done = 100; done < TOTAL; done += CHUNK)
 		ASSERT_EQ(spool_msg_write(m, chunk, done + CHUNK > TOTAL ?
 		    TOTAL - done : CHUNK), 0);
-	make_env(&env, "big@example.com");
 	memset(&res, 0, sizeof res);
-	spool_msg_commit(m, &env, on_commit, &res);
+	spool_msg_commit(m, make_env("big@example.com"), on_commit, &res);
 	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
 	ASSERT_EQ(getrusage(RUSAGE_SELF, &after), 0);
 	fprintf(stderr, "large_message_rss: maxrss %ld -> %ld KiB\n",
