@@ -31,6 +31,8 @@ SRCS_CONFIG += config/config_default.c
 
 SRCS_TLS += tls/tls.c
 
+SRCS_DNS += dns/dns.c
+
 SRCS_QUEUE += queue/envelope.c
 SRCS_QUEUE += queue/spool.c
 
@@ -43,7 +45,7 @@ SRCS_RELAY += relay/listener.c
 SRCS_RELAY += relay/control.c
 SRCS_RELAY += relay/daemon.c
 
-LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_QUEUE) $(SRCS_RELAY)
+LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_DNS) $(SRCS_QUEUE) $(SRCS_RELAY)
 LIB_OBJS = $(LIB_SRCS:%.c=$(BUILD)/%.o)
 
 UNIT_TESTS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))

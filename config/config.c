@@ -16,7 +16,7 @@
  *	same pass and an error names the first bad line. An unknown key is an
  *	error, not a warning: a misspelt limit that is silently ignored is
  *	worse than a daemon that refuses to start. Lists of records (listeners,
- *	users, networks, trace flags) have their own parsers.
+ *	users, networks, trace flags, DNS servers) have their own parsers.
  *
  *	Error policy: the first problem wins. Its text goes into the caller's
  *	err buffer as "file:line: message" and the function returns
@@ -45,6 +45,7 @@
 
 #define CFG_MAX_FILE	(1024 * 1024)	/* a bigger config file is a mistake */
 #define CFG_DAY_MS	(86400LL * 1000)	/* longest timeout */
+#define CFG_MAX_DNS_SERVERS	16	/* more is a mistake; c-ares tries in order */
 
 /* One load in progress: where messages go and what is being built. */
 struct cfg_parse {
@@ -93,6 +94,7 @@ static const struct cfg_key cfg_keys[] = {
 	{ NULL, "timeouts", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "auth", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "log", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "dns", CFG_K_GROUP, 0, 0, 0 },
 	{ "control", "socket", CFG_K_STR, 0, 0, RC(control_socket) },
 	{ "control", "mode", CFG_K_MODE, 0, 0777, RC(control_mode) },
 	{ "tls", "certificate", CFG_K_STR, 0, 0, RC(tls_cert) },
@@ -124,6 +126,15 @@ static const struct cfg_key cfg_keys[] = {
 	    RC(auth.failure_window_s) },
 	{ "log", "syslog", CFG_K_BOOL, 0, 0, RC(log.syslog) },
 	{ "log", "trace", CFG_K_OTHER, 0, 0, 0 },
+	{ "dns", "servers", CFG_K_OTHER, 0, 0, 0 },
+	{ "dns", "timeout", CFG_K_MS, 1, 300 * 1000, RC(dns.timeout_ms) },
+	{ "dns", "tries", CFG_K_INT, 1, 20, RC(dns.tries) },
+	{ "dns", "ipv6", CFG_K_BOOL, 0, 0, RC(dns.ipv6) },
+	{ "dns", "max_mx_ttl", CFG_K_SEC, 0, 7 * CFG_DAY_MS,
+	    RC(dns.max_mx_ttl_s) },
+	{ "dns", "negative_ttl", CFG_K_SEC, 0, CFG_DAY_MS,
+	    RC(dns.negative_ttl_s) },
+	{ "dns", "cache_size", CFG_K_INT, 0, 10000000, RC(dns.cache_size) },
 	{ "listeners", "name", CFG_K_STR, 0, 0, LS(name) },
 	{ "listeners", "address", CFG_K_STR, 0, 0, LS(address) },
 	{ "listeners", "port", CFG_K_INT, 1, 65535, LS(port) },
@@ -183,6 +194,8 @@ static int cfg_parse_listener(struct cfg_parse *, const config_setting_t *,
 static int cfg_parse_users(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_nets(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_trace(struct cfg_parse *, const config_setting_t *);
+static int cfg_server_parse(const char *, char *, size_t);
+static int cfg_parse_servers(struct cfg_parse *, const config_setting_t *);
 
 /* cfg_fail - format "file:line: message" into the caller's buffer */
 static int
@@ -328,6 +341,13 @@ cfg_new(void)
 	cfg->auth.failure_window_s = 300;
 	cfg->log.syslog = false;
 	cfg->log.trace = 0;
+	/* Defaults of resolv.conf(5) would be 5 s x 2; keep those. */
+	cfg->dns.timeout_ms = 5000;
+	cfg->dns.tries = 2;
+	cfg->dns.ipv6 = false;
+	cfg->dns.max_mx_ttl_s = 3600;
+	cfg->dns.negative_ttl_s = 300;
+	cfg->dns.cache_size = 10000;
 	return cfg;
 }
 
@@ -348,6 +368,9 @@ cfg_free(struct relay_config *cfg)
 	}
 	free(cfg->users);
 	free(cfg->relay_nets);
+	for (i = 0; i < cfg->dns.nservers; i++)
+		free(cfg->dns.servers[i]);
+	free(cfg->dns.servers);
 	free(cfg->path);
 	free(cfg->hostname);
 	free(cfg->spool_dir);
@@ -737,6 +760,10 @@ cfg_parse_root(struct cfg_parse *p, const config_setting_t *root)
 	if ((rc = cfg_seq(p, g, "trace", &s)) < 0 ||
 	    (s != NULL && (rc = cfg_parse_trace(p, s)) < 0))
 		return rc;
+	g = config_setting_get_member(root, "dns");
+	if ((rc = cfg_seq(p, g, "servers", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_servers(p, s)) < 0))
+		return rc;
 
 	/*
 	 * max_connections_per_ip may not exceed max_connections. Its default
@@ -940,6 +967,101 @@ cfg_parse_trace(struct cfg_parse *p, const config_setting_t *list)
 			return cfg_fail(p, e, "unknown trace flag '%s' (known: "
 			    "smtp, io, spool, dns, dlv, state, all)", v);
 		p->cfg->log.trace |= cfg_trace_names[j].flag;
+	}
+	return 0;
+}
+
+/*
+ * cfg_server_parse - "addr", "addr:port", "[v6]" or "[v6]:port" into the
+ * form c-ares's ares_set_servers_ports_csv() takes, port always written:
+ * "192.0.2.1:53" or "[2001:db8::1]:53". 0 or -EINVAL.
+ */
+static int
+cfg_server_parse(const char *v, char *out, size_t outlen)
+{
+	char host[INET6_ADDRSTRLEN + 2], canon[INET6_ADDRSTRLEN];
+	const char *port = NULL, *close;
+	uint8_t addr[16];
+	size_t i, n;
+	long pnum = 53;
+	int family;
+
+	if (v[0] == '[') {
+		/* Brackets are for IPv6 only, as in URLs. */
+		if ((close = strchr(v, ']')) == NULL ||
+		    (n = (size_t)(close - v - 1)) >= sizeof host)
+			return -EINVAL;
+		memcpy(host, v + 1, n);
+		host[n] = '\0';
+		if (close[1] == ':')
+			port = close + 2;
+		else if (close[1] != '\0')
+			return -EINVAL;
+		if (inet_pton(AF_INET6, host, addr) != 1)
+			return -EINVAL;
+		family = AF_INET6;
+	} else {
+		/* One colon is "v4:port"; more is a bare IPv6 address. */
+		const char *colon = strchr(v, ':');
+
+		if (colon != NULL && strchr(colon + 1, ':') == NULL) {
+			if ((n = (size_t)(colon - v)) >= sizeof host)
+				return -EINVAL;
+			memcpy(host, v, n);
+			host[n] = '\0';
+			port = colon + 1;
+		} else if (str_copy(host, v, sizeof host) >= sizeof host)
+			return -EINVAL;
+		if (!cfg_addr_parse(host, &family, addr) ||
+		    (family == AF_INET6 && port != NULL))
+			return -EINVAL;
+	}
+	if (port != NULL) {
+		/* Digits only, as for prefixes: no sign, space or empty. */
+		for (i = 0; port[i] >= '0' && port[i] <= '9'; i++)
+			;
+		if (i == 0 || i > 5 || port[i] != '\0')
+			return -EINVAL;
+		pnum = strtol(port, NULL, 10);
+		if (pnum < 1 || pnum > 65535)
+			return -EINVAL;
+	}
+	inet_ntop(family, addr, canon, sizeof canon);
+	if (family == AF_INET6)
+		snprintf(out, outlen, "[%s]:%ld", canon, pnum);
+	else
+		snprintf(out, outlen, "%s:%ld", canon, pnum);
+	return 0;
+}
+
+/* cfg_parse_servers - dns.servers: numeric addresses with optional port */
+static int
+cfg_parse_servers(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, n = (size_t)config_setting_length(list);
+	char norm[INET6_ADDRSTRLEN + 16];
+
+	if (n > CFG_MAX_DNS_SERVERS)
+		return cfg_fail(p, list, "'servers' may list at most %d "
+		    "servers", CFG_MAX_DNS_SERVERS);
+	cfg->dns.servers = xcalloc(n == 0 ? 1 : n, sizeof *cfg->dns.servers);
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		const char *v;
+
+		if (config_setting_type(e) != CONFIG_TYPE_STRING)
+			return cfg_fail(p, e, "'servers' entries must be "
+			    "strings");
+		v = config_setting_get_string(e);
+		/* Names would need a resolver to find the resolver. */
+		if (cfg_server_parse(v, norm, sizeof norm) < 0)
+			return cfg_fail(p, e, "DNS server '%s' must be a "
+			    "numeric address, address:port or [IPv6]:port, "
+			    "such as 127.0.0.1:53 or [::1]:53", v);
+		cfg->dns.servers[i] = xstrdup(norm);
+		cfg->dns.nservers = i + 1;
 	}
 	return 0;
 }

@@ -85,6 +85,18 @@ struct relay_config {
 		bool syslog;		/* also log to syslog(3), facility mail */
 		int trace;		/* TRACE_* mask from log.h */
 	} log;
+
+	struct {
+		char **servers;		/* "a.b.c.d:port" / "[v6]:port", port
+					   always present; none = resolv.conf */
+		size_t nservers;
+		int timeout_ms;		/* per query attempt */
+		int tries;		/* attempts per server */
+		bool ipv6;		/* also look up and use AAAA */
+		int max_mx_ttl_s;	/* cap on how long an answer is cached */
+		int negative_ttl_s;	/* NXDOMAIN / null MX / no host cache */
+		int cache_size;		/* domains cached; 0 = no cache */
+	} dns;
 };
 
 /*

@@ -695,6 +695,10 @@ smtps_on_auth(void *arg, bool ok)
 		s->auth_step = AUTH_NONE;
 		smtps_enter_state(s, SMTPS_ST_HELO);
 		smtps_reply(s, "235 2.7.0 Authentication successful");
+		if (s->stopping) {
+			smtps_close_421(s, "421 4.3.2 Service shutting down");
+			return;
+		}
 		conn_resume(s->conn);
 		return;
 	}
@@ -983,6 +987,7 @@ cmd_bdat(struct smtps_session *s, const char *arg)
 	if (s->state == SMTPS_ST_RCPT) {
 		if (!smtps_body_open(s)) {
 			smtps_txn_reset(s);
+			smtps_enter_state(s, SMTPS_ST_HELO);
 			s->bdat_remaining = n;
 			s->bdat_discard = true;
 			s->bdat_reply = -1;	/* the 452 is already said */

@@ -120,6 +120,13 @@ TEST(defaults)
 	ASSERT_EQ(cfg->auth.failure_window_s, 300);
 	ASSERT(!cfg->log.syslog);
 	ASSERT_EQ(cfg->log.trace, 0);
+	ASSERT_EQ(cfg->dns.nservers, 0);
+	ASSERT_EQ(cfg->dns.timeout_ms, 5000);
+	ASSERT_EQ(cfg->dns.tries, 2);
+	ASSERT(!cfg->dns.ipv6);
+	ASSERT_EQ(cfg->dns.max_mx_ttl_s, 3600);
+	ASSERT_EQ(cfg->dns.negative_ttl_s, 300);
+	ASSERT_EQ(cfg->dns.cache_size, 10000);
 	ASSERT(!match4(cfg, "127.0.0.1"));
 	config_unref(cfg);
 }
@@ -496,6 +503,78 @@ TEST(trace_names)
 	    "t.conf:3: unknown trace flag 'tls'");
 }
 
+TEST(dns_group)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "dns = { servers = [ \"192.0.2.53\", \"127.0.0.1:5353\",\n"
+	    "    \"[2001:DB8::1]:53\", \"::1\", \"[::2]\" ];\n"
+	    "  timeout = 0.2; tries = 1; ipv6 = true; max_mx_ttl = 60.4;\n"
+	    "  negative_ttl = 0; cache_size = 0; };\n");
+
+	ASSERT_EQ(cfg->dns.nservers, 5);
+	/* Normalised for ares_set_servers_ports_csv(): port always given. */
+	ASSERT_STR_EQ(cfg->dns.servers[0], "192.0.2.53:53");
+	ASSERT_STR_EQ(cfg->dns.servers[1], "127.0.0.1:5353");
+	ASSERT_STR_EQ(cfg->dns.servers[2], "[2001:db8::1]:53");
+	ASSERT_STR_EQ(cfg->dns.servers[3], "[::1]:53");
+	ASSERT_STR_EQ(cfg->dns.servers[4], "[::2]:53");
+	ASSERT_EQ(cfg->dns.timeout_ms, 200);
+	ASSERT_EQ(cfg->dns.tries, 1);
+	ASSERT(cfg->dns.ipv6);
+	ASSERT_EQ(cfg->dns.max_mx_ttl_s, 60);
+	ASSERT_EQ(cfg->dns.negative_ttl_s, 0);
+	ASSERT_EQ(cfg->dns.cache_size, 0);
+	config_unref(cfg);
+
+	/* An empty list means /etc/resolv.conf, like an absent one. */
+	cfg = load_ok(MINIMAL "dns = { servers = [ ]; };");
+	ASSERT_EQ(cfg->dns.nservers, 0);
+	config_unref(cfg);
+}
+
+TEST(dns_server_syntax)
+{
+	static const char *const bad[] = {
+		"dns.example.com", "127.0.0.1:", "127.0.0.1:0",
+		"127.0.0.1:65536", "127.0.0.1:+53", "127.0.0.1: 53",
+		"127.0.0.1:53x", "[127.0.0.1]:53", "[::1", "[::1]53",
+		"[::1]:", "::1:53x", "", "1.2.3", "[]:53",
+	};
+	char text[256], want[128];
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(bad); i++) {
+		snprintf(text, sizeof text, MINIMAL "dns = {\n"
+		    "  servers = [ \"127.0.0.1\",\n \"%s\" ]; };", bad[i]);
+		snprintf(want, sizeof want, "t.conf:4: DNS server '%s' must "
+		    "be a numeric address, address:port or [IPv6]:port",
+		    bad[i]);
+		load_fail(text, want);
+	}
+	load_fail(MINIMAL "dns = { servers = [ 53 ]; };",
+	    "t.conf:2: 'servers' entries must be strings");
+	load_fail(MINIMAL "dns = { servers = \"127.0.0.1\"; };",
+	    "'servers' must be a list");
+}
+
+TEST(dns_ranges)
+{
+	load_fail(MINIMAL "dns = { timeout = 0; };",
+	    "t.conf:2: 'timeout' must be between 0.001 and 300 seconds");
+	load_fail(MINIMAL "dns = { tries = 0; };",
+	    "'tries' must be between 1 and 20");
+	load_fail(MINIMAL "dns = { max_mx_ttl = 604801; };",
+	    "'max_mx_ttl' must be between 0 and 604800 seconds");
+	load_fail(MINIMAL "dns = { negative_ttl = -1; };",
+	    "'negative_ttl' must be between 0 and 86400 seconds");
+	load_fail(MINIMAL "dns = { cache_size = -1; };",
+	    "'cache_size' must be between 0 and 10000000");
+	load_fail(MINIMAL "dns = { ipv6 = 1; };",
+	    "'ipv6' must be a boolean");
+	load_fail(MINIMAL "dns = {\n  server = [ ]; };",
+	    "t.conf:3: unknown setting 'server' in 'dns'");
+}
+
 TEST(syntax_error_line)
 {
 	load_fail("spool_dir = \"/x\";\n\nlimits = { max_errors = ; };\n",
@@ -596,6 +675,11 @@ TEST(example_file_loads)
 	ASSERT(match4(cfg, "127.0.0.1"));
 	ASSERT(match6(cfg, "::1"));
 	ASSERT(!match4(cfg, "192.0.2.1"));
+	ASSERT_EQ(cfg->dns.nservers, 2);
+	ASSERT_STR_EQ(cfg->dns.servers[0], "127.0.0.1:53");
+	ASSERT_STR_EQ(cfg->dns.servers[1], "[::1]:53");
+	ASSERT_EQ(cfg->dns.timeout_ms, 5000);
+	ASSERT_EQ(cfg->dns.max_mx_ttl_s, 3600);
 	config_unref(cfg);
 }
 
@@ -655,6 +739,9 @@ TEST_MAIN("config",
     TEST_ENTRY(plaintext_password_rejected),
     TEST_ENTRY(duplicate_user),
     TEST_ENTRY(trace_names),
+    TEST_ENTRY(dns_group),
+    TEST_ENTRY(dns_server_syntax),
+    TEST_ENTRY(dns_ranges),
     TEST_ENTRY(syntax_error_line),
     TEST_ENTRY(file_errors),
     TEST_ENTRY(file_line_numbers_and_include),
