@@ -48,6 +48,8 @@ enum {
 struct conn {
 	uv_tcp_t tcp;			/* embedded; tcp.data = conn */
 	uv_timer_t timer;		/* idle or shutdown timer */
+	uv_connect_t connect;		/* outbound connect request */
+	conn_connect_cb on_connect;	/* outbound: owner's callback */
 	uv_loop_t *loop;		/* the loop it runs on */
 	uint64_t id;			/* session id for logs */
 	const struct conn_ops *ops;	/* owner's callbacks */
@@ -77,6 +79,8 @@ static void conn_on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b);
 static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void conn_on_write_done(uv_write_t *req, int status);
 static void conn_on_timer(uv_timer_t *t);
+static void conn_on_connect(uv_connect_t *req, int status);
+static void conn_set_peer(struct conn *c);
 static void conn_on_handle_closed(uv_handle_t *h);
 static void conn_dispatch(struct conn *c);
 static void conn_read_update(struct conn *c);
@@ -106,15 +110,12 @@ conn_new(uv_loop_t *loop, const struct conn_ops *ops, void *owner,
 	return c;
 }
 
-int
-conn_accept(struct conn *c, uv_stream_t *server)
+/* conn_set_peer - remember the peer address as a sockaddr and as text */
+static void
+conn_set_peer(struct conn *c)
 {
-	int len = sizeof c->peer_sa, rc;
+	int len = sizeof c->peer_sa;
 
-	if ((rc = uv_accept(server, (uv_stream_t *)&c->tcp)) < 0)
-		return rc;
-	c->flags |= CONN_F_ACCEPTED;
-	uv_tcp_nodelay(&c->tcp, 1);
 	if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer_sa,
 	    &len) == 0) {
 		if (c->peer_sa.ss_family == AF_INET6)
@@ -126,8 +127,56 @@ conn_accept(struct conn *c, uv_stream_t *server)
 	} else {
 		str_copy(c->peer, "unknown", sizeof c->peer);
 	}
+}
+
+int
+conn_accept(struct conn *c, uv_stream_t *server)
+{
+	int rc;
+
+	if ((rc = uv_accept(server, (uv_stream_t *)&c->tcp)) < 0)
+		return rc;
+	c->flags |= CONN_F_ACCEPTED;
+	uv_tcp_nodelay(&c->tcp, 1);
+	conn_set_peer(c);
 	conn_read_update(c);
 	return 0;
+}
+
+int
+conn_connect(struct conn *c, const struct sockaddr *dst,
+    const struct sockaddr *src, conn_connect_cb cb)
+{
+	int rc;
+
+	if (src && (rc = uv_tcp_bind(&c->tcp, src, 0)) < 0)
+		return rc;
+	c->on_connect = cb;
+	c->connect.data = c;
+	/* Until connected, name the peer we are trying, for logs. */
+	if (dst->sa_family == AF_INET6)
+		uv_ip6_name((const struct sockaddr_in6 *)(const void *)dst,
+		    c->peer, sizeof c->peer);
+	else
+		uv_ip4_name((const struct sockaddr_in *)(const void *)dst,
+		    c->peer, sizeof c->peer);
+	return uv_tcp_connect(&c->connect, &c->tcp, dst, conn_on_connect);
+}
+
+static void
+conn_on_connect(uv_connect_t *req, int status)
+{
+	struct conn *c = req->data;
+
+	if (c->flags & CONN_F_CLOSING)
+		return;		/* UV_ECANCELED after conn_close */
+	if (status == 0) {
+		c->flags |= CONN_F_ACCEPTED;
+		uv_tcp_nodelay(&c->tcp, 1);
+		conn_set_peer(c);
+		conn_read_update(c);
+	}
+	c->on_connect(c, status);
 }
 
 void *

@@ -58,6 +58,17 @@ struct conn *conn_new(uv_loop_t *loop, const struct conn_ops *ops,
 /* conn_accept - accept from a listening stream and start reading */
 int conn_accept(struct conn *c, uv_stream_t *server);
 
+/* conn_connect_cb - status 0 (connected, reading) or a UV_E* error */
+typedef void (*conn_connect_cb)(struct conn *c, int status);
+
+/*
+ * conn_connect - connect to dst, from src when not NULL (source address
+ * binding). cb runs later from the loop; on error the owner closes the
+ * conn. A connect timeout is the owner's conn_set_timeout.
+ */
+int conn_connect(struct conn *c, const struct sockaddr *dst,
+    const struct sockaddr *src, conn_connect_cb cb);
+
 void *conn_owner(const struct conn *c);
 uint64_t conn_id(const struct conn *c);
 /* conn_peer - numeric peer address text; conn_peer_sa - the sockaddr */

@@ -116,6 +116,14 @@ relay_start(struct relay *r, uv_loop_t *loop, struct relay_config *cfg,
 	return 0;
 }
 
+void
+relay_abort_start(struct relay *r)
+{
+	listeners_close_all(r);
+	control_close(r->control);
+	r->control = NULL;
+}
+
 uint64_t
 relay_next_id(struct relay *r)
 {

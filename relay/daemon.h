@@ -63,6 +63,12 @@ struct relay {
 int relay_start(struct relay *r, uv_loop_t *loop, struct relay_config *cfg,
     char *err, size_t errlen);
 
+/*
+ * relay_abort_start - after a failed relay_start: close what it opened so
+ * that running the loop once more lets everything be freed.
+ */
+void relay_abort_start(struct relay *r);
+
 /* relay_reload - try a new snapshot from config_path; keep the old on error */
 void relay_reload(struct relay *r);
 

@@ -127,11 +127,12 @@ main(int argc, char **argv)
 	uv_loop_init(&loop);
 	if ((rc = relay_start(&r, &loop, cfg, err, sizeof err)) < 0) {
 		log_warnx("relayd start-failed error=\"%s\"", err);
-		return 1;
+		relay_abort_start(&r);
 	}
 	uv_run(&loop, UV_RUN_DEFAULT);
 
-	spool_close(r.spool);
+	if (r.spool)
+		spool_close(r.spool);
 	ipcount_free(r.ipcount);
 	auth_limiter_free(r.auth);
 	SSL_CTX_free(r.server_tls);
@@ -139,5 +140,5 @@ main(int argc, char **argv)
 	free(r.config_path);
 	if (uv_loop_close(&loop) != 0)
 		log_warnx("relayd loop-close busy");
-	return 0;
+	return rc < 0 ? 1 : 0;
 }

@@ -438,10 +438,26 @@ smtps_on_line(struct conn *c, char *line, size_t len, bool too_long)
 	e->fn(s, cmd.arg);
 }
 
+/*
+ * smtps_helo_ok - a name we can put into Received: and a reply: 1..255
+ * printable ASCII octets without spaces (a domain or address literal;
+ * RFC 5321 4.1.1.1). Anything else would let a client write headers.
+ */
+static bool
+smtps_helo_ok(const char *arg)
+{
+	size_t n = 0;
+
+	for (const unsigned char *p = (const unsigned char *)arg; *p; p++, n++)
+		if (*p < 0x21 || *p > 0x7e)
+			return false;
+	return n > 0 && n <= 255;
+}
+
 static void
 cmd_helo(struct smtps_session *s, const char *arg)
 {
-	if (*arg == '\0' || strchr(arg, ' ') != NULL) {
+	if (!smtps_helo_ok(arg)) {
 		smtps_bad(s, "501 5.5.4 Syntax: HELO hostname");
 		return;
 	}
@@ -459,7 +475,7 @@ cmd_ehlo(struct smtps_session *s, const char *arg)
 	char name[256];
 	bool tls = conn_is_tls(s->conn);
 
-	if (*arg == '\0') {
+	if (!smtps_helo_ok(arg)) {
 		smtps_bad(s, "501 5.5.4 Syntax: EHLO hostname");
 		return;
 	}
@@ -572,23 +588,17 @@ cmd_auth(struct smtps_session *s, const char *arg)
 	mech[n] = '\0';
 	init = arg[n] ? arg + n + 1 : NULL;
 	smtps_enter_state(s, SMTPS_ST_AUTH);
-	if (str_ieq(mech, "PLAIN")) {
-		s->auth_step = AUTH_PLAIN_RESP;
+	if (str_ieq(mech, "PLAIN") || str_ieq(mech, "LOGIN")) {
+		bool plain = str_ieq(mech, "PLAIN");
+
+		s->auth_step = plain ? AUTH_PLAIN_RESP : AUTH_LOGIN_USER;
 		if (init) {
-			char tmp[1024];
-			str_copy(tmp, init, sizeof tmp);
-			smtps_auth_line(s, tmp, strlen(tmp));
+			char *copy = xstrdup(init);	/* as long as the line */
+			smtps_auth_line(s, copy, strlen(copy));
+			free(copy);
 		} else {
-			smtps_reply(s, "334 ");
-		}
-	} else if (str_ieq(mech, "LOGIN")) {
-		s->auth_step = AUTH_LOGIN_USER;
-		if (init) {
-			char tmp[1024];
-			str_copy(tmp, init, sizeof tmp);
-			smtps_auth_line(s, tmp, strlen(tmp));
-		} else {
-			smtps_reply(s, "334 VXNlcm5hbWU6");	/* "Username:" */
+			/* LOGIN asks "Username:" in base64 */
+			smtps_reply(s, plain ? "334 " : "334 VXNlcm5hbWU6");
 		}
 	} else {
 		smtps_enter_state(s, SMTPS_ST_HELO);
@@ -749,7 +759,9 @@ cmd_mail(struct smtps_session *s, const char *arg)
 	bool utf8 = false;
 	int np;
 
-	if (s->lis.auth_required && !smtps_may_relay(s)) {
+	/* RFC 6409: a submission listener that requires AUTH requires it
+	 * of everyone; relay_networks matter on auth_required = false. */
+	if (s->lis.auth_required && s->auth_user == NULL) {
 		smtps_bad(s, "530 5.7.0 Authentication required");
 		return;
 	}

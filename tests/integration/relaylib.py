@@ -1,0 +1,875 @@
+"""relaylib - helpers for the relayd integration tests.
+
+RelayD writes a configuration into a fresh temporary directory (listeners
+on 127.0.0.1 with free ports, a spool, a control socket, a self-signed
+certificate, users with `openssl passwd -6` hashes), starts
+`$BUILD/relayd -f -c FILE` with stderr captured to a log file, waits until
+the control socket answers, and stops it (SIGTERM, then SIGKILL) on exit.
+
+    with RelayD(listeners=[dict(name="sub", tls="starttls")]) as d:
+        c = Client(d.port("sub"))
+        ...
+        assert d.queue_json()["count"] == 1
+
+Client is a small raw SMTP client (plain socket, optional TLS) that
+returns (code, text) replies, for tests that need exact control over the
+bytes on the wire. Every loop here is bounded in time and count; only
+127.0.0.1 is used and no name is ever resolved.
+
+Python 3.11 standard library only.
+"""
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+_build = os.environ.get("BUILD", "build")
+BUILD = _build if os.path.isabs(_build) else os.path.join(ROOT, _build)
+RELAYD = os.path.join(BUILD, "relayd")
+RELAYCTL = os.path.join(BUILD, "relayctl")
+HOST = "127.0.0.1"
+
+# Sanitizer builds are several times slower: stretch waits (never sleeps
+# that are part of an assertion).
+SLOW = 3.0 if ("asan" in BUILD or os.environ.get("ASAN_OPTIONS")) else 1.0
+
+PASSWORD = "s3cret-passw0rd"
+USER = "alice"
+
+SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                      "runtime error:")
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def fail(msg):
+    raise TestFailure(msg)
+
+
+def check(cond, msg):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def eq(got, want, what=""):
+    if got != want:
+        raise TestFailure("%s: got %r, want %r" % (what or "value", got, want))
+
+
+# ---------------------------------------------------------------------------
+# Shared fixtures: one certificate and one hash per password per process.
+
+_cache_dir = None
+_hash_cache = {}
+_cache_lock = threading.Lock()
+
+
+def _cache():
+    global _cache_dir
+    with _cache_lock:
+        if _cache_dir is None:
+            _cache_dir = tempfile.mkdtemp(prefix="relay-it-shared-")
+            import atexit
+            atexit.register(shutil.rmtree, _cache_dir, True)
+        return _cache_dir
+
+
+def certificate():
+    """(cert_path, key_path) of a self-signed P-256 pair for relay.test."""
+    d = _cache()
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    with _cache_lock:
+        if not os.path.exists(cert):
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                 "-subj", "/CN=relay.test", "-keyout", key + ".tmp",
+                 "-out", cert + ".tmp"],
+                check=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=30)
+            os.rename(key + ".tmp", key)
+            os.rename(cert + ".tmp", cert)
+    return cert, key
+
+
+def password_hash(password):
+    with _cache_lock:
+        h = _hash_cache.get(password)
+        if h is None:
+            out = subprocess.run(["openssl", "passwd", "-6", "-stdin"],
+                                 input=password.encode(), check=True,
+                                 capture_output=True, timeout=30).stdout
+            h = _hash_cache[password] = out.decode().strip()
+    return h
+
+
+def free_ports(addresses):
+    """Distinct TCP ports, one per address (127.0.0.1 or ::1), that were
+    free a moment ago: all sockets stay bound until every port is picked,
+    so the kernel cannot hand out the same port twice."""
+    socks, ports = [], []
+    try:
+        for address in addresses:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((address, 0))
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def free_port(address=HOST):
+    """A TCP port on address that was free a moment ago."""
+    return free_ports([address])[0]
+
+
+def tls_client_context():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# ---------------------------------------------------------------------------
+# Configuration writing (libconfig syntax)
+
+def _cstr(s):
+    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _cval(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v) + ("L" if v > 2147483647 else "")
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[ " + ", ".join(_cval(x) for x in v) + " ]"
+    return _cstr(v)
+
+
+def _group(d, indent="  "):
+    return "{\n" + "".join("%s%s = %s;\n" % (indent, k, _cval(v))
+                           for k, v in d.items()) + "}"
+
+
+DEFAULT_LIMITS = dict(max_message_size=10 * 1024 * 1024, max_recipients=100,
+                      max_connections=100, max_connections_per_ip=50,
+                      max_line_length=2048, max_errors=10)
+DEFAULT_TIMEOUTS = dict(command=30, data=30, tls_handshake=10, shutdown=5)
+DEFAULT_AUTH = dict(failure_delay=0.2, max_failures=5, failure_window=300)
+
+# The usual listener set: STARTTLS+AUTH, implicit TLS+AUTH, plaintext for
+# relay networks.
+STD_LISTENERS = [
+    dict(name="sub", tls="starttls", auth_required=True),
+    dict(name="smtps", tls="implicit", auth_required=True),
+    dict(name="plain", tls="none", auth_required=False),
+]
+
+
+# ---------------------------------------------------------------------------
+# The daemon
+
+_live = set()          # RelayD objects with a process, for cleanup_all()
+_live_lock = threading.Lock()
+
+
+def cleanup_all():
+    """Kill every relayd a test left running and remove its directory."""
+    with _live_lock:
+        left = list(_live)
+    for d in left:
+        try:
+            d.close()
+        except Exception:
+            pass
+    return len(left)
+
+
+class RelayD:
+    """One relayd in its own temporary directory.
+
+    listeners: list of dicts with name, tls ("none"/"starttls"/
+    "implicit"), auth_required, and optionally port (else picked free).
+    limits / timeouts / auth: overrides merged into the defaults.
+    users: {name: password}; relay_networks: list of CIDRs.
+    tls_generate: let relayd create the certificate itself.
+    extra: raw text appended to the configuration.
+    """
+
+    def __init__(self, listeners=None, users=None, relay_networks=None,
+                 limits=None, timeouts=None, auth=None, tls_generate=False,
+                 hostname="relay.test", trace=None, preexec_fn=None,
+                 extra="", start=True):
+        self.dir = tempfile.mkdtemp(prefix="relay-it-")
+        self.spool = os.path.join(self.dir, "spool")
+        self.sock = os.path.join(self.dir, "relayd.sock")
+        self.conf = os.path.join(self.dir, "relay.conf")
+        self.logpath = os.path.join(self.dir, "relayd.log")
+        self.proc = None
+        self.preexec_fn = preexec_fn
+        self.hostname = hostname
+        self.listeners = [dict(x) for x in
+                          (listeners if listeners is not None
+                           else STD_LISTENERS)]
+        for lis in self.listeners:
+            lis["fixed_port"] = bool(lis.get("port"))
+            lis.setdefault("tls", "starttls")
+            lis.setdefault("auth_required", True)
+            lis.setdefault("address", HOST)
+        self.users = dict(users) if users is not None else {USER: PASSWORD}
+        self.relay_networks = (list(relay_networks)
+                               if relay_networks is not None
+                               else ["127.0.0.0/8"])
+        self.limits = dict(DEFAULT_LIMITS, **(limits or {}))
+        self.timeouts = dict(DEFAULT_TIMEOUTS, **(timeouts or {}))
+        self.auth = dict(DEFAULT_AUTH, **(auth or {}))
+        self.tls_generate = tls_generate
+        self.trace = trace or []
+        self.extra = extra
+        self._log_fh = None
+        self.exit_code = None
+        if tls_generate:
+            self.cert = os.path.join(self.dir, "tls", "cert.pem")
+            self.key = os.path.join(self.dir, "tls", "key.pem")
+        else:
+            self.cert, self.key = certificate()
+        with _live_lock:
+            _live.add(self)
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- configuration ----------------------------------------------------
+    def config_text(self, listeners=None, limits=None, **over):
+        """The configuration as text (optionally with changed values)."""
+        lims = dict(self.limits, **(limits or {}))
+        lines = ["# written by tests/integration/relaylib.py",
+                 "hostname = %s;" % _cstr(self.hostname),
+                 "spool_dir = %s;" % _cstr(self.spool),
+                 "control = { socket = %s; mode = \"0600\"; };" %
+                 _cstr(self.sock),
+                 "tls = { certificate = %s; key = %s; generate = %s; };" % (
+                     _cstr(self.cert), _cstr(self.key),
+                     _cval(self.tls_generate))]
+        lines.append("listeners = (")
+        ls = listeners if listeners is not None else self.listeners
+        items = []
+        for lis in ls:
+            items.append(
+                "  { name = %s; address = %s; port = %d; tls = %s; "
+                "auth_required = %s; }" % (
+                    _cstr(lis["name"]), _cstr(lis.get("address", HOST)),
+                    lis["port"], _cstr(lis.get("tls", "starttls")),
+                    _cval(lis.get("auth_required", True))))
+        lines.append(",\n".join(items))
+        lines.append(");")
+        if self.users:
+            lines.append("users = (")
+            lines.append(",\n".join(
+                "  { name = %s; password_hash = %s; }" % (
+                    _cstr(u), _cstr(password_hash(p)))
+                for u, p in self.users.items()))
+            lines.append(");")
+        lines.append("relay_networks = %s;" % _cval(
+            over.get("relay_networks", self.relay_networks)))
+        lines.append("limits = %s;" % _group(lims))
+        lines.append("timeouts = %s;" % _group(
+            dict(self.timeouts, **over.get("timeouts", {}))))
+        lines.append("auth = %s;" % _group(
+            dict(self.auth, **over.get("auth", {}))))
+        lines.append("log = { syslog = false; trace = %s; };" %
+                     _cval(list(self.trace)))
+        lines.append(self.extra)
+        return "\n".join(lines) + "\n"
+
+    def write_config(self, text=None):
+        if text is None:
+            text = self.config_text()
+        tmp = self.conf + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, self.conf)
+
+    def _pick_ports(self, force=False):
+        todo = [lis for lis in self.listeners
+                if (force or not lis.get("port")) and
+                not lis.get("fixed_port")]
+        taken = {lis.get("port") for lis in self.listeners} - {None}
+        for _ in range(20):
+            ports = free_ports([lis.get("address", HOST) for lis in todo])
+            if not taken & set(ports):
+                break
+        for lis, port in zip(todo, ports):
+            lis["port"] = port
+
+    def port(self, name=None):
+        if name is None:
+            return self.listeners[0]["port"]
+        for lis in self.listeners:
+            if lis["name"] == name:
+                return lis["port"]
+        raise KeyError(name)
+
+    # -- process ----------------------------------------------------------
+    def start(self, timeout=10.0):
+        """Start relayd; retry with new ports if one was taken meanwhile."""
+        for attempt in range(3):
+            self._pick_ports(force=attempt > 0)
+            self.write_config()
+            if self._spawn(timeout):
+                return self
+            log = self.read_log()
+            if "address already in use" in log.lower() and attempt < 2:
+                continue
+            fail("relayd did not start (rc=%s); log:\n%s" %
+                 (self.exit_code, tail(log)))
+        return self
+
+    def restart(self, timeout=10.0):
+        """Start again on the same configuration, spool and ports."""
+        if self.running():
+            fail("restart while relayd is running")
+        self.write_config()
+        if not self._spawn(timeout):
+            fail("relayd did not restart (rc=%s); log:\n%s" %
+                 (self.exit_code, tail(self.read_log())))
+        return self
+
+    def _spawn(self, timeout):
+        if not (os.path.isfile(RELAYD) and os.access(RELAYD, os.X_OK) and
+                os.path.getsize(RELAYD) > 0):
+            fail("no relayd binary at %s (run make, or set BUILD)" % RELAYD)
+        self._log_fh = open(self.logpath, "ab")
+        self.exit_code = None
+        self.proc = subprocess.Popen(
+            [RELAYD, "-f", "-c", self.conf], cwd=self.dir,
+            stdin=subprocess.DEVNULL, stdout=self._log_fh,
+            stderr=self._log_fh, preexec_fn=self.preexec_fn)
+        with _live_lock:
+            _live.add(self)
+        deadline = time.monotonic() + timeout * SLOW
+        for _ in range(int(timeout * SLOW * 50) + 1):
+            rc = self.proc.poll()
+            if rc is not None:
+                self.exit_code = rc
+                self._close_log()
+                return False
+            if self._control_answers():
+                return True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        self.kill()
+        fail("relayd control socket did not answer within %.0f s; log:\n%s"
+             % (timeout * SLOW, tail(self.read_log())))
+
+    def _control_answers(self):
+        if not os.path.exists(self.sock):
+            return False
+        try:
+            return self.control("status json").startswith("{")
+        except OSError:
+            return False
+
+    def control(self, request, timeout=5.0):
+        """One raw control-protocol request; the whole answer."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout * SLOW)
+        try:
+            s.connect(self.sock)
+            s.sendall(request.encode() + b"\n")
+            out = b""
+            for _ in range(100000):
+                b = s.recv(65536)
+                if not b:
+                    break
+                out += b
+            return out.decode("utf-8", "replace")
+        finally:
+            s.close()
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def signal(self, sig):
+        check(self.running(), "relayd is not running (signal %s)" % sig)
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout=10.0):
+        """Wait for the process to exit; its exit code, or None on timeout."""
+        if self.proc is None:
+            return self.exit_code
+        try:
+            rc = self.proc.wait(timeout * SLOW)
+        except subprocess.TimeoutExpired:
+            return None
+        self.exit_code = rc
+        self._close_log()
+        return rc
+
+    def stop(self, timeout=10.0):
+        """SIGTERM and wait (bounded); SIGKILL if it does not exit.
+
+        Returns the exit code of a clean exit, raises if it had to be
+        killed."""
+        if not self.running():
+            if self.proc is not None:
+                return self.wait(1)
+            return self.exit_code
+        os.kill(self.proc.pid, signal.SIGTERM)
+        rc = self.wait(timeout)
+        if rc is None:
+            self.kill()
+            fail("relayd did not exit within %.0f s of SIGTERM" %
+                 (timeout * SLOW))
+        return rc
+
+    def kill(self):
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None:
+            self.exit_code = self.proc.returncode
+        self._close_log()
+
+    def _close_log(self):
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def close(self):
+        """Stop (kill if needed) and remove the directory."""
+        try:
+            if self.running():
+                try:
+                    self.stop(timeout=5)
+                except TestFailure:
+                    pass
+            self.kill()
+        finally:
+            with _live_lock:
+                _live.discard(self)
+            if os.environ.get("RELAY_IT_KEEP"):
+                print("# kept %s" % self.dir)
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        try:
+            if et is None:
+                rc = self.stop()
+                self.assert_clean_log()
+                if rc not in (0, None) and self.exit_code not in (
+                        -signal.SIGKILL,):
+                    fail("relayd exited with %s on SIGTERM; log:\n%s" %
+                         (rc, tail(self.read_log())))
+            elif isinstance(ev, BaseException):
+                # Attach the log to the failure that is already on its way.
+                self.kill()
+                ev.relayd_log = self.read_log()
+        finally:
+            self.close()
+        return False
+
+    # -- observation ------------------------------------------------------
+    def read_log(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def assert_clean_log(self):
+        log = self.read_log()
+        for p in SANITIZER_PATTERNS:
+            if p in log:
+                fail("relayd log has %r:\n%s" % (p, tail(log, 60)))
+
+    def wait_log(self, pattern, timeout=5.0, start=0):
+        """Wait until the log (from offset start) matches the regex."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout * SLOW
+        for _ in range(int(timeout * SLOW * 50) + 1):
+            log = self.read_log()
+            m = rx.search(log, start)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        fail("log never matched %r within %.1f s; log tail:\n%s" %
+             (pattern, timeout * SLOW, tail(self.read_log()[start:])))
+
+    def log_size(self):
+        try:
+            return os.path.getsize(self.logpath)
+        except FileNotFoundError:
+            return 0
+
+    def relayctl(self, *args, check_rc=True, timeout=10.0, sock=True):
+        argv = [RELAYCTL] + (["-s", self.sock] if sock else []) + list(args)
+        p = subprocess.run(argv, capture_output=True, timeout=timeout * SLOW)
+        if check_rc and p.returncode != 0:
+            fail("relayctl %s: rc=%d stderr=%r" %
+                 (" ".join(args), p.returncode, p.stderr.decode()))
+        return p.stdout.decode("utf-8", "replace")
+
+    def queue_json(self):
+        out = self.relayctl("queue", "--json")
+        try:
+            return json.loads(out)
+        except ValueError as e:
+            fail("relayctl queue --json is not JSON (%s): %r" % (e, out))
+
+    def queue_count(self):
+        return self.queue_json()["count"]
+
+    def status(self):
+        return json.loads(self.relayctl("status"))
+
+    def spool_files(self, sub):
+        try:
+            return sorted(os.listdir(os.path.join(self.spool, sub)))
+        except FileNotFoundError:
+            return []
+
+    def queue_ids(self):
+        return sorted({f[:-4] for f in self.spool_files("queue")
+                       if f.endswith(".env")})
+
+    def msg_bytes(self, qid):
+        with open(os.path.join(self.spool, "queue", qid + ".msg"), "rb") as f:
+            return f.read()
+
+    def env_text(self, qid):
+        with open(os.path.join(self.spool, "queue", qid + ".env"),
+                  encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def snapshot(self):
+        """State of the queue, to assert later that nothing was added."""
+        return (self.queue_count(), self.spool_files("queue"))
+
+    def assert_unchanged(self, snap, what="rejected input"):
+        """Nothing was queued since snapshot() (and incoming/ is empty)."""
+        count, files = self.snapshot()
+        check(count == snap[0], "%s: queue count went from %d to %d" %
+              (what, snap[0], count))
+        check(files == snap[1], "%s: new files in queue/: %s" %
+              (what, sorted(set(files) - set(snap[1]))))
+        # incoming/ may hold a body only while a session is inside DATA.
+        inc = self.wait_incoming_empty(2.0)
+        check(not inc, "%s: leftover files in incoming/: %s" % (what, inc))
+
+    def wait_incoming_empty(self, timeout=2.0):
+        deadline = time.monotonic() + timeout * SLOW
+        inc = self.spool_files("incoming")
+        for _ in range(int(timeout * SLOW * 50) + 1):
+            inc = self.spool_files("incoming")
+            if not inc or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return inc
+
+    def client(self, name=None, **kw):
+        lis = self.listeners[0] if name is None else next(
+            x for x in self.listeners if x["name"] == name)
+        kw.setdefault("host", lis.get("address", HOST))
+        return Client(lis["port"], implicit_tls=lis["tls"] == "implicit",
+                      **kw)
+
+
+def tail(text, n=40):
+    lines = text.splitlines()
+    return "\n".join(lines[-n:])
+
+
+# ---------------------------------------------------------------------------
+# A raw SMTP client
+
+class SMTPError(TestFailure):
+    pass
+
+
+class Client:
+    """Raw SMTP over a socket: exact bytes out, parsed replies in."""
+
+    def __init__(self, port, implicit_tls=False, timeout=10.0,
+                 greet=True, host=HOST):
+        self.timeout = timeout * SLOW
+        self.sock = socket.create_connection((host, port),
+                                             timeout=self.timeout)
+        self.buf = b""
+        self.tls = False
+        if implicit_tls:
+            self.sock = tls_client_context().wrap_socket(self.sock)
+            self.tls = True
+        self.banner = None
+        if greet:
+            self.banner = self.reply()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+        return False
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def _fill(self):
+        b = self.sock.recv(65536)
+        if not b:
+            raise EOFError("connection closed by relayd")
+        self.buf += b
+
+    def reply(self, timeout=None):
+        """One (possibly multi-line) reply: (code, [lines]) ."""
+        if timeout is not None:
+            self.sock.settimeout(timeout * SLOW)
+        try:
+            lines = []
+            for _ in range(10000):
+                while b"\r\n" not in self.buf:
+                    if len(self.buf) > 100000:
+                        fail("reply line too long: %r" % self.buf[:200])
+                    self._fill()
+                line, self.buf = self.buf.split(b"\r\n", 1)
+                line = line.decode("utf-8", "replace")
+                if len(line) < 3 or not line[:3].isdigit():
+                    fail("malformed reply line %r" % line)
+                lines.append(line)
+                if len(line) == 3 or line[3] == " ":
+                    return int(line[:3]), lines
+            fail("reply with too many lines")
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
+
+    def reply_text(self, **kw):
+        code, lines = self.reply(**kw)
+        return "\n".join(lines)
+
+    def cmd(self, line):
+        """Send one command line, return the reply text (all lines)."""
+        self.send(line.encode() + b"\r\n" if isinstance(line, str)
+                  else line + b"\r\n")
+        return self.reply_text()
+
+    def expect(self, line, prefix):
+        r = self.cmd(line)
+        if not r.startswith(prefix):
+            fail("%s: expected %r, got %r" % (
+                line if len(line) < 80 else line[:80] + "...", prefix, r))
+        return r
+
+    def expect_reply(self, prefix, what="reply"):
+        r = self.reply_text()
+        if not r.startswith(prefix):
+            fail("%s: expected %r, got %r" % (what, prefix, r))
+        return r
+
+    def ehlo(self, name="client.test"):
+        return self.expect("EHLO " + name, "250")
+
+    def starttls(self):
+        self.expect("STARTTLS", "220 2.0.0")
+        check(self.buf == b"", "bytes after 220 to STARTTLS")
+        self.sock = tls_client_context().wrap_socket(self.sock)
+        self.tls = True
+
+    def auth_plain(self, user=USER, password=PASSWORD):
+        tok = base64.b64encode(b"\0" + user.encode() + b"\0" +
+                               password.encode()).decode()
+        return self.cmd("AUTH PLAIN " + tok)
+
+    def login(self, user=USER, password=PASSWORD):
+        """EHLO, STARTTLS (unless already TLS), EHLO, AUTH PLAIN."""
+        self.ehlo()
+        if not self.tls:
+            self.starttls()
+            self.ehlo()
+        r = self.auth_plain(user, password)
+        check(r.startswith("235 2.7.0"), "AUTH PLAIN: %r" % r)
+
+    def closed(self, timeout=5.0):
+        """True if the server closes the connection (EOF or reset) soon."""
+        self.sock.settimeout(timeout * SLOW)
+        try:
+            for _ in range(1000):
+                b = self.sock.recv(65536)
+                if not b:
+                    return True
+                self.buf += b
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except ssl.SSLError:
+            return True
+        except socket.timeout:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+        return False
+
+    def send_message(self, sender, rcpts, body, data_prefix="250 2.0.0 Ok"):
+        """MAIL, RCPTs, DATA with body (CRLF lines, unstuffed), final reply.
+
+        Returns the final reply text; dot-stuffing is done here."""
+        self.expect("MAIL FROM:<%s>" % sender, "250")
+        for r in rcpts:
+            self.expect("RCPT TO:<%s>" % r, "250")
+        self.expect("DATA", "354")
+        self.send(dot_stuff(body) + b".\r\n")
+        r = self.reply_text()
+        if data_prefix and not r.startswith(data_prefix):
+            fail("end of DATA: expected %r, got %r" % (data_prefix, r))
+        return r
+
+
+def dot_stuff(body):
+    if isinstance(body, str):
+        body = body.encode()
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    out = re.sub(rb"(?m)^\.", b"..", body)
+    return out
+
+
+QUEUED_RX = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9a-f]{16})$")
+
+
+def queued_id(reply):
+    """The queue id from a final '250 2.0.0 Ok: queued as <id>' reply."""
+    m = QUEUED_RX.match(reply.strip().splitlines()[-1])
+    if not m:
+        fail("not a queued reply: %r" % reply)
+    return m.group(1)
+
+
+def make_message(subject, body_lines=3, date=True, msgid=True, extra=b""):
+    """A CRLF message with unique content (bytes, not dot-stuffed)."""
+    h = [b"From: Sender <sender@example.com>",
+         b"To: Rcpt <rcpt@example.net>",
+         b"Subject: " + subject.encode()]
+    if date:
+        h.append(b"Date: Mon, 24 Nov 2025 05:00:00 +0000")
+    if msgid:
+        h.append(b"Message-ID: <" +
+                 hashlib.sha1(subject.encode()).hexdigest().encode() +
+                 b"@example.com>")
+    body = [("line %d of %s" % (i, subject)).encode()
+            for i in range(body_lines)]
+    return b"\r\n".join(h) + b"\r\n\r\n" + b"\r\n".join(body) + b"\r\n" + extra
+
+
+def split_received(msg):
+    """(received_header, rest) of a stored .msg: our Received: field is the
+    first line plus its whitespace continuation lines."""
+    check(msg.startswith(b"Received: "),
+          "stored message does not begin with Received: %r" % msg[:80])
+    pos = msg.index(b"\r\n") + 2
+    for _ in range(100):
+        if msg[pos:pos + 1] in (b" ", b"\t"):
+            pos = msg.index(b"\r\n", pos) + 2
+        else:
+            break
+    return msg[:pos], msg[pos:]
+
+
+def header_section(msg):
+    i = msg.find(b"\r\n\r\n")
+    return msg if i < 0 else msg[:i + 2]
+
+
+def count_headers(msg, name):
+    """Fields called name (case-insensitive) in the header section."""
+    rx = re.compile(rb"(?im)^" + re.escape(name.encode()) + rb":")
+    return len(rx.findall(header_section(msg)))
+
+
+def run_swaks(args, timeout=30):
+    p = subprocess.run(["swaks", "--server", HOST] + list(args),
+                       capture_output=True, timeout=timeout * SLOW,
+                       stdin=subprocess.DEVNULL)
+    return p.returncode, p.stdout.decode("utf-8", "replace") + \
+        p.stderr.decode("utf-8", "replace")
+
+
+def wait_until(fn, timeout=5.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout * SLOW
+    for _ in range(int(timeout * SLOW / interval) + 2):
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    fail("timed out waiting for %s" % what)
+
+
+def sha256(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def expect_exit(p, want, what):
+    """Check a finished relayd/relayctl run's exit code; name a sanitizer
+    report (which changes the exit code) as such."""
+    if p.returncode == want:
+        return
+    err = p.stderr.decode("utf-8", "replace") if isinstance(
+        p.stderr, bytes) else (p.stderr or "")
+    for pat in SANITIZER_PATTERNS:
+        if pat in err:
+            where = [x.strip() for x in err.splitlines()
+                     if x.strip().startswith("#") and " in " in x][:4]
+            fail("DAEMON BUG: %s: exit code %s instead of %s because of a "
+                 "sanitizer report (%s; the exit path does not free what "
+                 "it allocated) at %s" % (
+                     what, p.returncode, want, pat, where))
+    fail("%s: exit code %s, want %s; stderr: %s" % (
+        what, p.returncode, want, tail(err, 10)))
