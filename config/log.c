@@ -19,11 +19,13 @@
 static const char *log_prog = "relay";
 static bool log_syslog;
 static int log_trace_mask;
+static int log_pid;		/* cached: getpid(2) per line showed up in strace */
 
 void
 log_init(const char *progname, bool use_syslog, int trace_mask)
 {
 	log_prog = progname;
+	log_pid = (int)getpid();
 	log_syslog = use_syslog;
 	log_trace_mask = trace_mask;
 	if (use_syslog)
@@ -77,7 +79,7 @@ log_emit(int prio, const char *errtext, const char *fmt, va_list ap)
 	gmtime_r(&ts.tv_sec, &tm);
 	n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
 	log_append(line, &n, sizeof line, ".%03ldZ %s[%d]: ",
-	    ts.tv_nsec / 1000000, log_prog, (int)getpid());
+	    ts.tv_nsec / 1000000, log_prog, log_pid ? log_pid : (int)getpid());
 	body = n;
 	log_vappend(line, &n, sizeof line, fmt, ap);
 	if (errtext)
