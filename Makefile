@@ -44,12 +44,13 @@ SRCS_RELAY += relay/smtps_session.c
 SRCS_RELAY += relay/listener.c
 SRCS_RELAY += relay/control.c
 SRCS_RELAY += relay/daemon.c
+SRCS_RELAY += relay/dsn.c
 
 LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_DNS) $(SRCS_QUEUE) $(SRCS_RELAY)
 LIB_OBJS = $(LIB_SRCS:%.c=$(BUILD)/%.o)
 
 UNIT_TESTS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))
-TOOLS_BIN  = $(BUILD)/relayctl $(if $(wildcard tools/bench_submit.c),$(BUILD)/bench-submit)
+TOOLS_BIN  = $(BUILD)/relayctl $(BUILD)/bench-submit $(BUILD)/fake-mx
 
 all: $(BUILD)/relayd $(TOOLS_BIN) $(UNIT_TESTS)
 
@@ -68,6 +69,9 @@ $(BUILD)/relayctl: $(BUILD)/tools/relayctl.o $(BUILD)/librelay.a
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/bench-submit: $(BUILD)/tools/bench_submit.o $(BUILD)/librelay.a
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/fake-mx: $(BUILD)/tools/fake_mx.o $(BUILD)/librelay.a
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(BUILD)/librelay.a

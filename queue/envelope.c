@@ -117,6 +117,7 @@ static int env_parse_rcpt(struct env_parser *, const char *, size_t);
 static int env_parse_line(struct env_parser *, const char *, size_t,
     unsigned *, bool *, uint64_t *);
 static void env_format_notify(struct buf *, int);
+static char *env_strdup_null(const char *);
 
 /* envelope_init - an empty envelope of the current format version */
 void
@@ -144,6 +145,39 @@ envelope_free(struct envelope *env)
 	free(env->auth_user);
 	free(env->envid);
 	envelope_init(env);
+}
+
+/* env_strdup_null - xstrdup that maps NULL to NULL */
+static char *
+env_strdup_null(const char *s)
+{
+	return s ? xstrdup(s) : NULL;
+}
+
+/* envelope_copy - deep copy; dst is overwritten (see envelope.h) */
+void
+envelope_copy(struct envelope *dst, const struct envelope *src)
+{
+	/* Scalars and the id in one go, then replace every pointer. */
+	*dst = *src;
+	dst->sender = env_strdup_null(src->sender);
+	dst->helo = env_strdup_null(src->helo);
+	dst->client_addr = env_strdup_null(src->client_addr);
+	dst->auth_user = env_strdup_null(src->auth_user);
+	dst->envid = env_strdup_null(src->envid);
+	dst->rcpts = NULL;
+	if (src->nrcpts == 0)
+		return;
+	dst->rcpts = xcalloc(src->nrcpts, sizeof *dst->rcpts);
+	for (size_t i = 0; i < src->nrcpts; i++) {
+		const struct env_rcpt *s = &src->rcpts[i];
+		struct env_rcpt *d = &dst->rcpts[i];
+
+		*d = *s;
+		d->addr = env_strdup_null(s->addr);
+		d->orcpt = env_strdup_null(s->orcpt);
+		d->last_reply = env_strdup_null(s->last_reply);
+	}
 }
 
 /* envelope_add_rcpt - append a pending recipient (earlier pointers move) */

@@ -85,6 +85,14 @@ struct envelope {
 void envelope_init(struct envelope *env);
 void envelope_free(struct envelope *env);
 
+/*
+ * envelope_copy - make dst a deep copy of src: every string and the
+ * recipient array are fresh heap blocks, so either may be freed or
+ * changed without touching the other. dst is overwritten, not freed:
+ * envelope_free() it first if it owned anything. Aborts on OOM.
+ */
+void envelope_copy(struct envelope *dst, const struct envelope *src);
+
 /* envelope_add_rcpt - append a pending recipient; returns it */
 struct env_rcpt *envelope_add_rcpt(struct envelope *env, const char *addr);
 

@@ -6,7 +6,8 @@
  *	Owns the spool directory (incoming/, queue/, quarantine/ and a lock
  *	file), the commit pipeline that makes a received message durable
  *	before the session answers 250, the recovery scan at start-up, and
- *	the index of committed envelopes.
+ *	the index of committed envelopes, and the later life of a message:
+ *	durable envelope updates and removal.
  *
  * DESCRIPTION
  *	A body is streamed into incoming/<id>.msg through a 64 KiB buffer
@@ -29,11 +30,25 @@
  *	directory fsyncs. Only after the dir fsync does a commit enter the
  *	index and its callback run.
  *
- *	The dir-sync batch holds struct spool_waiter, not messages, so a
- *	later per-recipient update (write <id>.env.tmp, fsync, rename over
- *	<id>.env) can ride the same batches. Removing a message will unlink
- *	<id>.env first, then <id>.msg, so a crash in between leaves a body
- *	without envelope, which recovery deletes.
+ *	The dir-sync batch holds struct spool_waiter, not messages, so an
+ *	envelope update rides the same batches:
+ *
+ *	  update job (struct spool_op, one id at a time):
+ *	    write queue/<id>.env.tmp, fsync it, rename it over <id>.env;
+ *	    then wait for the next fsync(queue/), swap the new envelope into
+ *	    the index, and call back.
+ *	  remove job (queued behind the id's updates):
+ *	    unlink <id>.env, then <id>.msg. No fsync: a crash that loses
+ *	    the unlinks leaves an envelope whose recipients are all final,
+ *	    which recovery removes; a crash between them leaves a body
+ *	    without envelope, which recovery removes too.
+ *
+ *	Each index entry queues its own ops and runs the head only, so the
+ *	updates of one id are serialised in call order (one tmp name per id
+ *	suffices, and the last call wins), while different ids proceed in
+ *	parallel and share directory fsyncs. A removal takes the entry out
+ *	of the hash and the list at once; the detached entry lives on until
+ *	its queue drains.
  *
  *	Queue ids are 16 lower-case hex digits: wall-clock seconds in the
  *	top 32 bits, a counter seeded from getrandom() in the bottom 32.
@@ -44,13 +59,20 @@
  *	The index (hash by id plus a list in id order) and every field of
  *	struct spool except the immutable directory fds are touched only on
  *	the loop thread. A worker touches only its own job struct and the
- *	directory fds. A commit callback never runs inside
- *	spool_msg_commit(). A callback with status 0 means body, envelope
- *	and both renames are on stable storage.
+ *	directory fds, with one exception: an update's undo (below) reads
+ *	the entry's current envelope, which is safe because only the
+ *	completion of an op of that same id writes it, and that op is the
+ *	one being undone. No callback runs inside the call that scheduled
+ *	it. A callback with status 0 means body, envelope and the renames
+ *	are on stable storage.
  *
  * ERRORS
  *	Functions return 0 or -errno. A failed commit removes every file it
  *	made, in incoming/ and queue/, before its callback reports -errno.
+ *	A failed update leaves the old <id>.env in place (the tmp file is
+ *	unlinked); if the rename happened but the fsync of queue/ failed,
+ *	the old record is written back over it before the callback reports
+ *	-errno (XXX best effort: the disk is failing by then).
  *	Recovery never fails on a bad entry: it logs and quarantines it; it
  *	fails only when a directory cannot be created, opened or read.
  */
@@ -92,6 +114,12 @@ enum spool_msg_state {
 	SPOOL_MSG_SYNCING,	/* renamed; waiting for a queue/ fsync */
 };
 
+/* What a spool_op does to a committed message. */
+enum spool_op_kind {
+	SPOOL_OP_UPDATE,	/* replace <id>.env durably */
+	SPOOL_OP_REMOVE,	/* unlink <id>.env, then <id>.msg */
+};
+
 /*
  * A rename into queue/ that becomes durable with the next fsync of queue/.
  * undo runs on a worker thread if that fsync fails; done runs on the loop
@@ -110,6 +138,30 @@ struct spool_entry {
 	struct spool_entry *hnext;	/* next in the hash chain */
 	struct spool_entry *prev;	/* id order, towards older */
 	struct spool_entry *next;	/* id order, towards newer */
+	struct spool_op *ops;		/* queued ops; the head is running */
+	struct spool_op **ops_tail;	/* append point of ops */
+	bool detached;			/* removal requested: not indexed */
+};
+
+/*
+ * An update or a removal of one committed message. It sits in its entry's
+ * queue from the call until its completion; only the head runs.
+ */
+struct spool_op {
+	struct spool *sp;		/* owner */
+	struct spool_entry *e;		/* target, or NULL for an unknown id */
+	struct spool_op *next;		/* next op queued on e */
+	enum spool_op_kind kind;	/* see enum spool_op_kind */
+	char id[ENVELOPE_ID_LEN + 1];	/* queue id, for paths and logs */
+	struct envelope env;		/* update: the new envelope (owned) */
+	struct buf text;		/* update: its record, for the worker */
+	int err;			/* 0 or -errno, set by the worker */
+	const char *step;		/* what failed, for the log */
+	spool_done_cb cb;		/* update: NULL or the caller's callback */
+	void *arg;			/* for cb */
+	uint64_t t_start;		/* time_now_ms() when it started */
+	uv_work_t work;			/* the job on the thread pool */
+	struct spool_waiter waiter;	/* membership in a dir-sync batch */
 };
 
 struct spool {
@@ -129,6 +181,7 @@ struct spool {
 	struct spool_entry *tail;	/* newest id: commits insert near it */
 
 	unsigned jobs;			/* commit jobs on the thread pool */
+	unsigned ops;			/* spool_ops queued, running or syncing */
 	struct spool_waiter *wait_head;	/* renamed, need the next dir fsync */
 	struct spool_waiter **wait_tail;	/* append point of that list */
 	bool syncing;			/* the dir-sync job is in flight */
@@ -169,6 +222,7 @@ struct spool_recovery {
 	size_t messages;		/* indexed */
 	size_t quarantined;		/* files moved to quarantine/ */
 	size_t removed;			/* files deleted */
+	size_t done;			/* final messages removed */
 };
 
 static int spool_mkdirs(struct spool *, char *, size_t);
@@ -180,6 +234,9 @@ static size_t spool_hash(const struct spool *, uint64_t);
 static struct spool_entry *spool_lookup(const struct spool *, uint64_t);
 static void spool_index_add(struct spool *, struct spool_entry *);
 static void spool_index_grow(struct spool *);
+static void spool_index_del(struct spool *, struct spool_entry *);
+static struct spool_entry *spool_entry_find(const struct spool *,
+    const char *);
 static int spool_flush(struct spool_msg *);
 static void spool_msg_free(struct spool_msg *);
 static void spool_unlink_quiet(int, const char *, const char *);
@@ -190,6 +247,17 @@ static void spool_on_sync_work(uv_work_t *);
 static void spool_on_sync_done(uv_work_t *, int);
 static void spool_commit_undo(struct spool *, struct spool_waiter *);
 static void spool_commit_synced(struct spool *, struct spool_waiter *, int);
+static void spool_op_enqueue(struct spool_entry *, struct spool_op *);
+static void spool_op_start(struct spool_op *);
+static int spool_env_write(struct spool *, const char *, const struct buf *,
+    const char **);
+static void spool_on_op_work(uv_work_t *);
+static void spool_on_op_done(uv_work_t *, int);
+static void spool_op_undo(struct spool *, struct spool_waiter *);
+static void spool_op_synced(struct spool *, struct spool_waiter *, int);
+static void spool_op_finish(struct spool_op *, int);
+static void spool_recover_done(struct spool *, struct spool_recovery *,
+    const char *);
 static int spool_recover(struct spool *, char *, size_t);
 static int spool_recover_dir(struct spool *, struct spool_recovery *,
     struct spool_found **, size_t *, char *, size_t);
@@ -263,7 +331,8 @@ spool_close(struct spool *sp)
 	if (sp == NULL)
 		return;
 	if (spool_busy(sp))
-		relay_panic("spool close while commits are in flight");
+		relay_panic("spool close while commits or updates are in "
+		    "flight");
 	for (e = sp->head; e != NULL; e = next) {
 		next = e->next;
 		envelope_free(&e->env);
@@ -282,11 +351,12 @@ spool_close(struct spool *sp)
 	free(sp);
 }
 
-/* spool_busy - a commit job, a dir fsync or a waiter is outstanding */
+/* spool_busy - a commit, an op, a dir fsync or a waiter is outstanding */
 bool
 spool_busy(const struct spool *sp)
 {
-	return sp->jobs > 0 || sp->syncing || sp->wait_head != NULL;
+	return sp->jobs > 0 || sp->ops > 0 || sp->syncing ||
+	    sp->wait_head != NULL;
 }
 
 /*
@@ -467,6 +537,40 @@ spool_index_add(struct spool *sp, struct spool_entry *e)
 	sp->count++;
 }
 
+/* spool_index_del - take an entry out of the hash and the list */
+static void
+spool_index_del(struct spool *sp, struct spool_entry *e)
+{
+	struct spool_entry **pp;
+
+	for (pp = &sp->buckets[spool_hash(sp, e->key)]; *pp != e;
+	    pp = &(*pp)->hnext)
+		if (*pp == NULL)
+			relay_panic("%s spool index entry missing", e->env.id);
+	*pp = e->hnext;
+	if (e->prev)
+		e->prev->next = e->next;
+	else
+		sp->head = e->next;
+	if (e->next)
+		e->next->prev = e->prev;
+	else
+		sp->tail = e->prev;
+	e->hnext = e->prev = e->next = NULL;
+	sp->count--;
+}
+
+/* spool_entry_find - the indexed entry for an id in text form, or NULL */
+static struct spool_entry *
+spool_entry_find(const struct spool *sp, const char *id)
+{
+	uint64_t key;
+
+	if (id == NULL || !spool_id_parse(id, strlen(id), &key))
+		return NULL;
+	return spool_lookup(sp, key);
+}
+
 /* spool_count - committed messages in the index */
 size_t
 spool_count(const struct spool *sp)
@@ -491,13 +595,278 @@ spool_foreach(const struct spool *sp,
 const struct envelope *
 spool_find(const struct spool *sp, const char *id)
 {
-	struct spool_entry *e;
-	uint64_t key;
+	struct spool_entry *e = spool_entry_find(sp, id);
 
-	if (id == NULL || !spool_id_parse(id, strlen(id), &key))
-		return NULL;
-	e = spool_lookup(sp, key);
 	return e ? &e->env : NULL;
+}
+
+/* spool_body_open - open queue/<id>.msg of an indexed message read-only */
+int
+spool_body_open(struct spool *sp, const char *id, int *fd)
+{
+	char name[SPOOL_NAME_MAX];
+
+	*fd = -1;
+	if (spool_entry_find(sp, id) == NULL)
+		return -ENOENT;
+	snprintf(name, sizeof name, "%s.msg", id);
+	/* A cheap syscall on the loop thread: no data is read here. */
+	if ((*fd = openat(sp->queue_fd, name, O_RDONLY | O_CLOEXEC)) < 0)
+		return -errno;
+	return 0;
+}
+
+/* spool_env_update - queue a durable envelope rewrite; see spool.h */
+void
+spool_env_update(struct spool *sp, const struct envelope *env,
+    spool_done_cb cb, void *arg)
+{
+	struct spool_op *op = xcalloc(1, sizeof *op);
+	struct spool_entry *e;
+
+	op->sp = sp;
+	op->kind = SPOOL_OP_UPDATE;
+	op->cb = cb;
+	op->arg = arg;
+	str_copy(op->id, env->id, sizeof op->id);
+	envelope_copy(&op->env, env);
+	buf_init(&op->text);
+	sp->ops++;
+	if ((e = spool_entry_find(sp, env->id)) == NULL) {
+		/* Through the pool anyway: cb must not run inside this call. */
+		op->err = -ENOENT;
+		op->step = "lookup";
+		spool_op_start(op);
+		return;
+	}
+	/* The body never changes; recovery checks it against this size. */
+	op->env.size = e->env.size;
+	spool_op_enqueue(e, op);
+}
+
+/* spool_msg_remove - unindex now, unlink after queued updates; see spool.h */
+void
+spool_msg_remove(struct spool *sp, const char *id)
+{
+	struct spool_entry *e;
+	struct spool_op *op;
+	char lv[300];
+
+	if ((e = spool_entry_find(sp, id)) == NULL) {
+		log_warnx("spool remove unknown id=%s",
+		    log_value(lv, sizeof lv, id ? id : ""));
+		return;
+	}
+	spool_index_del(sp, e);
+	e->detached = true;
+	op = xcalloc(1, sizeof *op);
+	op->sp = sp;
+	op->kind = SPOOL_OP_REMOVE;
+	str_copy(op->id, e->env.id, sizeof op->id);
+	buf_init(&op->text);
+	sp->ops++;
+	spool_op_enqueue(e, op);
+}
+
+/* spool_op_enqueue - append op to its entry's queue; start it if first */
+static void
+spool_op_enqueue(struct spool_entry *e, struct spool_op *op)
+{
+	op->e = e;
+	op->next = NULL;
+	if (e->ops == NULL)
+		e->ops_tail = &e->ops;
+	*e->ops_tail = op;
+	e->ops_tail = &op->next;
+	/* Invariant: a non-empty queue has its head running. */
+	if (e->ops == op)
+		spool_op_start(op);
+}
+
+/* spool_op_start - format the record and hand the op to the pool */
+static void
+spool_op_start(struct spool_op *op)
+{
+	int rc;
+
+	op->t_start = time_now_ms();
+	if (op->kind == SPOOL_OP_UPDATE && op->err == 0)
+		envelope_format(&op->env, &op->text);
+	if ((rc = uv_queue_work(op->sp->loop, &op->work, spool_on_op_work,
+	    spool_on_op_done)) != 0)
+		relay_panic("%s spool uv_queue_work: %s", op->id,
+		    uv_strerror(rc));
+}
+
+/*
+ * spool_env_write - worker: write text to queue/<id>.env.tmp, fsync it and
+ * rename it over <id>.env. On failure the tmp file is gone, <id>.env is
+ * untouched, *step names what failed, and -errno is returned.
+ */
+static int
+spool_env_write(struct spool *sp, const char *id, const struct buf *text,
+    const char **step)
+{
+	char tmpname[SPOOL_NAME_MAX], envname[SPOOL_NAME_MAX];
+	int fd, rc = 0;
+
+	snprintf(tmpname, sizeof tmpname, "%s.env.tmp", id);
+	snprintf(envname, sizeof envname, "%s.env", id);
+	/* O_TRUNC: a leftover of a failed write is ours to overwrite. */
+	*step = "write envelope";
+	fd = openat(sp->queue_fd, tmpname, O_CREAT | O_TRUNC | O_WRONLY |
+	    O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	rc = fd_write_all(fd, text->data, text->len);
+	if (rc == 0 && fsync(fd) < 0) {
+		rc = -errno;
+		*step = "fsync envelope";
+	}
+	if (close(fd) < 0 && errno != EINTR && rc == 0)
+		rc = -errno;
+	if (rc == 0 && renameat(sp->queue_fd, tmpname, sp->queue_fd,
+	    envname) < 0) {
+		rc = -errno;
+		*step = "rename envelope";
+	}
+	if (rc != 0)
+		(void)unlinkat(sp->queue_fd, tmpname, 0);
+	return rc;
+}
+
+/* spool_on_op_work - worker: rewrite or unlink, as the op says */
+static void
+spool_on_op_work(uv_work_t *req)
+{
+	struct spool_op *op = container_of(req, struct spool_op, work);
+	struct spool *sp = op->sp;
+	char name[SPOOL_NAME_MAX];
+
+	/* No logging here: log_warn's strerror() is not thread-safe. */
+	if (op->err != 0)
+		return;
+	if (op->kind == SPOOL_OP_UPDATE) {
+		op->err = spool_env_write(sp, op->id, &op->text, &op->step);
+		return;
+	}
+	/*
+	 * Envelope first: a body left without it is an orphan recovery
+	 * deletes, never a message. A missing file is already removed.
+	 */
+	snprintf(name, sizeof name, "%s.env", op->id);
+	if (unlinkat(sp->queue_fd, name, 0) < 0 && errno != ENOENT) {
+		/* Keep the body: the envelope still refers to it. */
+		op->err = -errno;
+		op->step = "unlink envelope";
+		return;
+	}
+	snprintf(name, sizeof name, "%s.msg", op->id);
+	if (unlinkat(sp->queue_fd, name, 0) < 0 && errno != ENOENT) {
+		op->err = -errno;
+		op->step = "unlink body";
+	}
+}
+
+/* spool_on_op_done - loop: finish, or wait for the next queue/ fsync */
+static void
+spool_on_op_done(uv_work_t *req, int status)
+{
+	struct spool_op *op = container_of(req, struct spool_op, work);
+	struct spool *sp = op->sp;
+
+	/* We never uv_cancel() an op: the worker always ran. */
+	if (status != 0)
+		relay_panic("%s spool op job status=%d", op->id, status);
+	if (op->kind != SPOOL_OP_UPDATE || op->err != 0) {
+		spool_op_finish(op, op->err);
+		return;
+	}
+	buf_free(&op->text);
+	op->waiter.undo = spool_op_undo;
+	op->waiter.done = spool_op_synced;
+	op->waiter.next = NULL;
+	*sp->wait_tail = &op->waiter;
+	sp->wait_tail = &op->waiter.next;
+	spool_sync_kick(sp);
+}
+
+/*
+ * spool_op_undo - worker: the fsync of queue/ failed after our rename, so
+ * put the previous record back (the index keeps it, and disk should agree).
+ */
+static void
+spool_op_undo(struct spool *sp, struct spool_waiter *w)
+{
+	struct spool_op *op = container_of(w, struct spool_op, waiter);
+	const char *step;
+	struct buf old;
+
+	/* Safe to read: only this op's completion would change e->env. */
+	buf_init(&old);
+	envelope_format(&op->e->env, &old);
+	(void)spool_env_write(sp, op->id, &old, &step);
+	buf_free(&old);
+}
+
+/* spool_op_synced - loop: the rename is durable (or not); index and report */
+static void
+spool_op_synced(struct spool *sp, struct spool_waiter *w, int status)
+{
+	struct spool_op *op = container_of(w, struct spool_op, waiter);
+
+	if (status != 0) {
+		op->step = "fsync queue";
+	} else {
+		/* Move the copy in; the old strings go now. */
+		envelope_free(&op->e->env);
+		op->e->env = op->env;
+		envelope_init(&op->env);
+	}
+	spool_op_finish(op, status);
+}
+
+/*
+ * spool_op_finish - loop: log, dequeue, start the id's next op, free the
+ * op (and a removed entry whose queue is empty), then call back.
+ */
+static void
+spool_op_finish(struct spool_op *op, int status)
+{
+	struct spool *sp = op->sp;
+	struct spool_entry *e = op->e;
+	spool_done_cb cb = op->cb;
+	void *arg = op->arg;
+	const char *what = op->kind == SPOOL_OP_UPDATE ? "update" : "remove";
+	uint64_t ms = time_now_ms() - op->t_start;
+
+	if (status != 0)
+		log_warnx("%s spool %s failed step=\"%s\" error=\"%s\"",
+		    op->id, what, op->step ? op->step : "?",
+		    relay_strerror(status));
+	else if (op->kind == SPOOL_OP_REMOVE)
+		log_info("%s spool removed ms=%" PRIu64, op->id, ms);
+	else
+		log_trace(TRACE_SPOOL, "%s spool update batch=%u ms=%" PRIu64,
+		    op->id, sp->done_size, ms);
+	if (e != NULL) {
+		if (e->ops != op)
+			relay_panic("%s spool op finished out of order", op->id);
+		e->ops = op->next;
+		/* Before the callback: it may queue more on this id. */
+		if (e->ops != NULL)
+			spool_op_start(e->ops);
+		else if (e->detached) {
+			envelope_free(&e->env);
+			free(e);
+		}
+	}
+	envelope_free(&op->env);
+	buf_free(&op->text);
+	free(op);
+	sp->ops--;
+	if (cb)
+		cb(arg, status);
 }
 
 /* spool_msg_new - allocate an id and create incoming/<id>.msg */
@@ -897,7 +1266,7 @@ spool_found_cmp(const void *a, const void *b)
 static int
 spool_recover(struct spool *sp, char *err, size_t errlen)
 {
-	struct spool_recovery rec = { 0, 0, 0 };
+	struct spool_recovery rec = { 0, 0, 0, 0 };
 	struct spool_found *found = NULL;
 	size_t nfound = 0, i, j;
 	int rc;
@@ -927,8 +1296,8 @@ spool_recover(struct spool *sp, char *err, size_t errlen)
 	 * No directory fsync here: every action above is idempotent, and a
 	 * crash that undoes one just makes the next start-up repeat it.
 	 */
-	log_info("spool recovered messages=%zu quarantined=%zu removed=%zu",
-	    rec.messages, rec.quarantined, rec.removed);
+	log_info("spool recovered messages=%zu quarantined=%zu removed=%zu "
+	    "done=%zu", rec.messages, rec.quarantined, rec.removed, rec.done);
 	return 0;
 }
 
@@ -1075,11 +1444,41 @@ spool_recover_one(struct spool *sp, struct spool_recovery *rec,
 		spool_quarantine(sp, rec, sp->queue_fd, "queue", envname, bad);
 		return;
 	}
+	if (key > sp->last_id)
+		sp->last_id = key;
+	if (envelope_is_done(&e->env)) {
+		/* A removal the crash interrupted: nothing left to deliver. */
+		envelope_free(&e->env);
+		free(e);
+		spool_recover_done(sp, rec, id);
+		return;
+	}
 	e->key = key;
 	spool_index_add(sp, e);
 	rec->messages++;
-	if (key > sp->last_id)
-		sp->last_id = key;
+}
+
+/*
+ * spool_recover_done - finish the removal of a message whose recipients are
+ * all final: envelope first, then body, as spool_msg_remove does.
+ */
+static void
+spool_recover_done(struct spool *sp, struct spool_recovery *rec,
+    const char *id)
+{
+	char name[SPOOL_NAME_MAX];
+
+	snprintf(name, sizeof name, "%s.env", id);
+	if (unlinkat(sp->queue_fd, name, 0) < 0) {
+		/* Not indexed either way; the next start tries again. */
+		log_warn("spool recover unlink queue/%s", name);
+		return;
+	}
+	snprintf(name, sizeof name, "%s.msg", id);
+	if (unlinkat(sp->queue_fd, name, 0) < 0)
+		log_warn("spool recover unlink queue/%s", name);
+	rec->done++;
+	log_info("spool recover removed=%s reason=done", id);
 }
 
 /* spool_remove - unlink <sub>/<name> during recovery and log it */

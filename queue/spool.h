@@ -6,6 +6,7 @@
  *   incoming/<id>.env   envelope written at commit time
  *   queue/<id>.msg      committed body (immutable)
  *   queue/<id>.env      committed envelope; its presence IS the commit
+ *   queue/<id>.env.tmp  an envelope rewrite in progress (recovery drops it)
  *   quarantine/         entries that failed to parse at recovery
  *   lock                flock()ed while a process has the spool open
  *
@@ -13,6 +14,13 @@
  * then the envelope into queue/, then fsync queue/. Directory fsyncs are
  * batched across concurrent commits (group commit). The commit callback
  * fires only after all of that, so a 250 sent from it survives a crash.
+ *
+ * Update: write queue/<id>.env.tmp, fsync it, rename it over <id>.env, and
+ * ride the same batched fsync of queue/; only then does the index change
+ * and the callback run, so a recipient recorded as delivered stays
+ * delivered across a crash. Remove: unlink <id>.env, then <id>.msg; a
+ * removal lost in a crash leaves an envelope whose recipients are all
+ * final, and recovery finishes the job.
  */
 #ifndef RELAY_SPOOL_H
 #define RELAY_SPOOL_H
@@ -30,6 +38,9 @@ struct spool_msg;
 /* spool_commit_cb - status 0 (durable) or -errno; the spool_msg is gone */
 typedef void (*spool_commit_cb)(void *arg, int status, const char *id);
 
+/* spool_done_cb - status 0 (durable) or -errno */
+typedef void (*spool_done_cb)(void *arg, int status);
+
 /*
  * spool_open - create the directories if needed and run the recovery scan:
  * incoming/ is emptied (unfinished sessions), queue/ entries are parsed
@@ -42,8 +53,8 @@ int spool_open(uv_loop_t *loop, const char *dir, struct spool **out,
     char *err, size_t errlen);
 
 /*
- * spool_close - free the index. Commits still in flight must have finished
- * (run the loop until spool_busy() is false first).
+ * spool_close - free the index. Commits, updates and removals still in
+ * flight must have finished (run the loop until spool_busy() is false).
  */
 void spool_close(struct spool *sp);
 bool spool_busy(const struct spool *sp);
@@ -86,7 +97,48 @@ size_t spool_count(const struct spool *sp);
 void spool_foreach(const struct spool *sp,
     void (*fn)(void *arg, const struct envelope *env), void *arg);
 
-/* spool_find - the indexed envelope for an id, or NULL */
+/*
+ * spool_find - the indexed envelope for an id, or NULL. The pointer is
+ * valid until the next spool_env_update() of that id completes or
+ * spool_msg_remove() is called for it; copy what must outlive that.
+ */
 const struct envelope *spool_find(const struct spool *sp, const char *id);
+
+/*
+ * spool_env_update - durably replace the envelope of a committed message
+ * with a deep copy of env (matched by env->id; the caller keeps env). The
+ * body is immutable, so the copy's size is taken from the index, not from
+ * env. cb runs later from the loop, never inside this call: with 0 once
+ * the new record is durable (<id>.env.tmp written and fsync'd, renamed
+ * over <id>.env, queue/ fsync'd in a group-commit batch), and by then the
+ * index holds the new envelope; or with -errno, and then the old envelope
+ * stays on disk and in the index (-ENOENT: no such id, or its removal was
+ * already requested). Updates of one id run one at a time in call order,
+ * so the last call wins; updates of different ids run in parallel. cb may
+ * be NULL; it may call back into the spool.
+ */
+void spool_env_update(struct spool *sp, const struct envelope *env,
+    spool_done_cb cb, void *arg);
+
+/*
+ * spool_msg_remove - forget a message whose recipients are all final. It
+ * leaves the index at once (spool_find returns NULL, later updates get
+ * -ENOENT); the files go on the thread pool after any update of the id
+ * still queued: <id>.env first, then <id>.msg, without a directory fsync.
+ * If a crash loses the unlinks, recovery sees the final envelope again and
+ * removes it then, so no recipient is delivered twice. (A message that
+ * still has pending recipients comes back after such a crash: mark them
+ * final with spool_env_update first.) An unknown id is logged and ignored.
+ */
+void spool_msg_remove(struct spool *sp, const char *id);
+
+/*
+ * spool_body_open - open the committed body of an indexed message
+ * read-only (O_CLOEXEC) into *fd, for delivery and for DSNs; the caller
+ * closes it. The file never changes, and an open fd stays readable even
+ * after spool_msg_remove. Returns 0, -ENOENT if the id is not indexed,
+ * or -errno from open(2).
+ */
+int spool_body_open(struct spool *sp, const char *id, int *fd);
 
 #endif

@@ -542,7 +542,15 @@ conn_on_write_done(uv_write_t *req, int status)
 	if ((c->flags & CONN_F_WBLOCKED) && queued < CONN_WRITE_LOWAT) {
 		c->flags &= ~CONN_F_WBLOCKED;
 		conn_read_update(c);
+		if (c->ops->on_drain)
+			c->ops->on_drain(c);
 	}
+}
+
+bool
+conn_write_blocked(const struct conn *c)
+{
+	return (c->flags & CONN_F_WBLOCKED) != 0;
 }
 
 void

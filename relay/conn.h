@@ -47,6 +47,9 @@ struct conn_ops {
 	void (*on_timeout)(struct conn *c);
 	/* on_eof - the peer closed (or TLS close_notify); conn is closing */
 	void (*on_eof)(struct conn *c, const char *reason);
+	/* on_drain - output fell below the low-water mark after being
+	 * above the high-water mark: a producer may write again */
+	void (*on_drain)(struct conn *c);
 	/* on_closed - handles are closed; free the owner, forget the conn */
 	void (*on_closed)(struct conn *c);
 };
@@ -99,6 +102,8 @@ void conn_write(struct conn *c, const void *data, size_t len);
 void conn_printf(struct conn *c, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void conn_flush(struct conn *c);
+/* conn_write_blocked - more output queued than the high-water mark */
+bool conn_write_blocked(const struct conn *c);
 
 /*
  * conn_pause / conn_resume - stop/restart reading and dispatching input

@@ -1,6 +1,6 @@
 /*
  * test_envelope.c - unit tests for queue/envelope.c: round trips, the
- * strict parser's refusals, and xtext.
+ * strict parser's refusals, xtext, and the deep copy.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -355,6 +355,55 @@ TEST(odd_bytes_in_reply)
 	buf_free(&t);
 }
 
+TEST(copy_deep)
+{
+	struct envelope a, b, c, empty;
+	struct buf ta, tb;
+
+	fill_full(&a);
+	envelope_copy(&b, &a);
+	assert_env_equal(&a, &b);
+	/* Nothing is shared: every pointer is a fresh block. */
+	ASSERT(b.sender != a.sender && b.helo != a.helo);
+	ASSERT(b.client_addr != a.client_addr && b.auth_user != a.auth_user);
+	ASSERT(b.envid != a.envid && b.rcpts != a.rcpts);
+	for (size_t i = 0; i < a.nrcpts; i++) {
+		ASSERT(b.rcpts[i].addr != a.rcpts[i].addr);
+		ASSERT(a.rcpts[i].orcpt == NULL ||
+		    b.rcpts[i].orcpt != a.rcpts[i].orcpt);
+		ASSERT(a.rcpts[i].last_reply == NULL ||
+		    b.rcpts[i].last_reply != a.rcpts[i].last_reply);
+	}
+	/* NULL stays NULL (rcpt 1 has neither orcpt nor last_reply). */
+	ASSERT(b.rcpts[1].orcpt == NULL && b.rcpts[1].last_reply == NULL);
+	/* Same record on disk. */
+	buf_init(&ta);
+	buf_init(&tb);
+	envelope_format(&a, &ta);
+	envelope_format(&b, &tb);
+	ASSERT_EQ(ta.len, tb.len);
+	ASSERT(memcmp(ta.data, tb.data, ta.len) == 0);
+	/* Changing or freeing the original leaves the copy intact (ASan). */
+	a.rcpts[0].state = ENV_RCPT_SENT;
+	a.sender[0] = 'X';
+	envelope_free(&a);
+	ASSERT_EQ(b.rcpts[0].state, ENV_RCPT_PENDING);
+	ASSERT_STR_EQ(b.sender, "\"john smith+tag\"@example.com");
+	/* A copy of a copy, then of an empty envelope. */
+	envelope_copy(&c, &b);
+	envelope_free(&b);
+	ASSERT_EQ(c.nrcpts, 3);
+	ASSERT_STR_EQ(c.rcpts[2].addr, "c@example.org");
+	ASSERT_STR_EQ(c.rcpts[2].last_reply, "");
+	envelope_free(&c);
+	envelope_init(&empty);
+	envelope_copy(&c, &empty);
+	ASSERT(c.rcpts == NULL && c.sender == NULL && c.nrcpts == 0);
+	envelope_free(&c);
+	buf_free(&ta);
+	buf_free(&tb);
+}
+
 TEST_MAIN("envelope",
     TEST_ENTRY(roundtrip_full),
     TEST_ENTRY(roundtrip_minimal),
@@ -364,4 +413,5 @@ TEST_MAIN("envelope",
     TEST_ENTRY(missing_and_count),
     TEST_ENTRY(bad_values_rejected),
     TEST_ENTRY(xtext),
-    TEST_ENTRY(odd_bytes_in_reply))
+    TEST_ENTRY(odd_bytes_in_reply),
+    TEST_ENTRY(copy_deep))

@@ -2,7 +2,10 @@
  * test_spool.c - unit tests for queue/spool.c against a real directory
  * under /tmp: commit durability and reopen, callback timing, group commit
  * under concurrency, abort, sticky write errors, the recovery scan and
- * quarantine, id order, and bounded memory for large bodies.
+ * quarantine, id order, bounded memory for large bodies, and the later
+ * life of a message: envelope updates (durable, serialised per id,
+ * parallel across ids, failing cleanly), removal, recovery of a removal
+ * a crash interrupted, and reading the body back.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -55,6 +58,11 @@ static void put_message(const struct fixture *, const char *, const char *,
     size_t);
 static void collect_id(void *, const struct envelope *);
 static const char *path_in(const struct fixture *, const char *, char *);
+static void on_done(void *, int);
+static void commit_wait(struct fixture *, const char *, char *);
+static struct envelope *dup_indexed(struct fixture *, const char *);
+static void put_message_env(const struct fixture *, struct envelope *,
+    const char *);
 
 /* fx_setup - fresh loop and directory, spool open */
 static void
@@ -675,6 +683,470 @@ TEST(lock_exclusive)
 	fx_teardown(&fx);
 }
 
+/* What a spool_done_cb saw. */
+struct done {
+	int calls;		/* times the callback ran */
+	int status;		/* its last status */
+	int order;		/* value of *seq when it ran */
+	int *seq;		/* shared call counter, or NULL */
+	struct fixture *fx;	/* to look at the index from the callback */
+	char id[ENVELOPE_ID_LEN + 1];	/* the id it is about */
+	int want_attempts;	/* rcpts[0].attempts the index must hold */
+};
+
+/* on_done - record the callback; on success the index already changed */
+static void
+on_done(void *arg, int status)
+{
+	struct done *d = arg;
+	const struct envelope *env;
+
+	d->calls++;
+	d->status = status;
+	if (d->seq)
+		d->order = ++*d->seq;
+	if (status == 0 && d->fx && d->want_attempts >= 0) {
+		ASSERT((env = spool_find(d->fx->sp, d->id)) != NULL);
+		ASSERT_EQ(env->rcpts[0].attempts, d->want_attempts);
+	}
+}
+
+/* commit_wait - commit a message with body and run until it is durable */
+static void
+commit_wait(struct fixture *fx, const char *body, char *id)
+{
+	struct result res;
+
+	commit_one(fx, body, &res);
+	ASSERT_EQ(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(res.calls, 1);
+	ASSERT_EQ(res.status, 0);
+	str_copy(id, res.id, ENVELOPE_ID_LEN + 1);
+}
+
+/* dup_indexed - a heap deep copy of the indexed envelope, to modify */
+static struct envelope *
+dup_indexed(struct fixture *fx, const char *id)
+{
+	struct envelope *env = xmalloc(sizeof *env);
+	const struct envelope *cur;
+
+	ASSERT((cur = spool_find(fx->sp, id)) != NULL);
+	envelope_copy(env, cur);
+	return env;
+}
+
+/* put_message_env - write env (id and size set here) and body by hand */
+static void
+put_message_env(const struct fixture *fx, struct envelope *env,
+    const char *body)
+{
+	struct buf t;
+	char name[32];
+
+	env->size = strlen(body);
+	buf_init(&t);
+	envelope_format(env, &t);
+	snprintf(name, sizeof name, "%s.msg", env->id);
+	put_file(fx, "queue", name, body, strlen(body));
+	snprintf(name, sizeof name, "%s.env", env->id);
+	put_file(fx, "queue", name, t.data, t.len);
+	buf_free(&t);
+}
+
+TEST(update_reopen)
+{
+	struct fixture fx;
+	struct done d = { 0 };
+	struct envelope *env;
+	const struct envelope *got;
+	char id[ENVELOPE_ID_LEN + 1], tmp[32];
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "Subject: u\r\n\r\nbody\r\n", id);
+	env = dup_indexed(&fx, id);
+	env->rcpts[0].state = ENV_RCPT_SENT;
+	env->rcpts[0].attempts = 1;
+	env->rcpts[0].updated = 1732425600;
+	free(env->rcpts[0].last_reply);
+	env->rcpts[0].last_reply = xstrdup("250 2.0.0 Ok: queued as X");
+	env->rcpts[1].attempts = 1;
+	env->rcpts[1].next_attempt = 1732429200;
+	env->size = 999999;	/* a wrong size is not believed */
+	spool_env_update(fx.sp, env, on_done, &d);
+	/* Never inline; the index keeps the old state until durable. */
+	ASSERT_EQ(d.calls, 0);
+	ASSERT(spool_busy(fx.sp));
+	ASSERT_EQ(spool_find(fx.sp, id)->rcpts[0].state, ENV_RCPT_PENDING);
+	/* The spool took a copy: the caller's envelope is its own. */
+	envelope_free(env);
+	free(env);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(d.calls, 1);
+	ASSERT_EQ(d.status, 0);
+	ASSERT(!spool_busy(fx.sp));
+	got = spool_find(fx.sp, id);
+	ASSERT_EQ(got->rcpts[0].state, ENV_RCPT_SENT);
+	ASSERT_EQ(got->size, strlen("Subject: u\r\n\r\nbody\r\n"));
+	snprintf(tmp, sizeof tmp, "%s.env.tmp", id);
+	ASSERT(!file_exists(&fx, "queue", tmp));
+	ASSERT_EQ(count_files(&fx, "queue"), 2);
+
+	fx_reopen(&fx);
+	ASSERT_EQ(spool_count(fx.sp), 1);
+	ASSERT((got = spool_find(fx.sp, id)) != NULL);
+	ASSERT_EQ(got->rcpts[0].state, ENV_RCPT_SENT);
+	ASSERT_EQ(got->rcpts[0].attempts, 1);
+	ASSERT_EQ(got->rcpts[0].updated, 1732425600);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, "250 2.0.0 Ok: queued as X");
+	ASSERT_EQ(got->rcpts[1].state, ENV_RCPT_PENDING);
+	ASSERT_EQ(got->rcpts[1].next_attempt, 1732429200);
+	ASSERT_EQ(count_files(&fx, "quarantine"), 0);
+	fx_teardown(&fx);
+}
+
+TEST(update_failure_keeps_old)
+{
+	struct fixture fx;
+	struct done d = { 0 }, unknown = { 0 };
+	struct envelope *env;
+	const struct envelope *got;
+	struct rlimit rl = { 8192, 8192 };
+	char id[ENVELOPE_ID_LEN + 1], old[64], *big;
+
+	/* EFBIG instead of a SIGXFSZ kill, as the daemon arranges. */
+	signal(SIGXFSZ, SIG_IGN);
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "body\r\n", id);
+	str_copy(old, spool_find(fx.sp, id)->rcpts[0].last_reply, sizeof old);
+	/* A record larger than the file size limit cannot be written. */
+	ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &rl), 0);
+	env = dup_indexed(&fx, id);
+	env->rcpts[0].state = ENV_RCPT_BOUNCED;
+	big = xmalloc(20000);
+	memset(big, 'r', 19999);
+	big[19999] = '\0';
+	free(env->rcpts[0].last_reply);
+	env->rcpts[0].last_reply = big;
+	spool_env_update(fx.sp, env, on_done, &d);
+	ASSERT_EQ(d.calls, 0);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(d.calls, 1);
+	ASSERT_EQ(d.status, -EFBIG);
+	/* Old state in the index and on disk; no tmp file left behind. */
+	got = spool_find(fx.sp, id);
+	ASSERT_EQ(got->rcpts[0].state, ENV_RCPT_PENDING);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, old);
+	ASSERT_EQ(count_files(&fx, "queue"), 2);
+
+	/* An unknown id fails too, later, not inside the call. */
+	memcpy(env->id, "0000000000000001", ENVELOPE_ID_LEN + 1);
+	spool_env_update(fx.sp, env, on_done, &unknown);
+	ASSERT_EQ(unknown.calls, 0);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(unknown.calls, 1);
+	ASSERT_EQ(unknown.status, -ENOENT);
+	envelope_free(env);
+	free(env);
+
+	fx_reopen(&fx);
+	ASSERT((got = spool_find(fx.sp, id)) != NULL);
+	ASSERT_EQ(got->rcpts[0].state, ENV_RCPT_PENDING);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, old);
+	ASSERT_EQ(count_files(&fx, "quarantine"), 0);
+	fx_teardown(&fx);
+}
+
+TEST(concurrent_updates)
+{
+	enum { N = 200 };
+	static struct done d[N];
+	static char ids[N][ENVELOPE_ID_LEN + 1];
+	static struct result res[N];
+	struct fixture fx;
+	struct envelope *env;
+	uint64_t t0, ms;
+	int i;
+
+	setenv("UV_THREADPOOL_SIZE", "16", 1);
+	fx_setup(&fx);
+	fx_open(&fx);
+	for (i = 0; i < N; i++)
+		commit_one(&fx, "concurrent\r\n", &res[i]);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	t0 = time_now_ms();
+	for (i = 0; i < N; i++) {
+		ASSERT_EQ(res[i].status, 0);
+		str_copy(ids[i], res[i].id, sizeof ids[i]);
+		env = dup_indexed(&fx, ids[i]);
+		env->rcpts[0].state = ENV_RCPT_SENT;
+		env->rcpts[0].attempts = i + 1;
+		env->rcpts[1].state = ENV_RCPT_BOUNCED;
+		d[i].fx = &fx;
+		str_copy(d[i].id, ids[i], sizeof d[i].id);
+		d[i].want_attempts = i + 1;
+		spool_env_update(fx.sp, env, on_done, &d[i]);
+		envelope_free(env);
+		free(env);
+	}
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ms = time_now_ms() - t0;
+	fprintf(stderr, "concurrent_updates: %d updates in %llu ms (%.0f/s)\n",
+	    N, (unsigned long long)ms, ms ? N * 1000.0 / (double)ms : 0.0);
+	for (i = 0; i < N; i++) {
+		ASSERT_EQ(d[i].calls, 1);
+		ASSERT_EQ(d[i].status, 0);
+	}
+	ASSERT_EQ(count_files(&fx, "queue"), 2 * N);
+	/* All final now: the restart treats them as removals it missed. */
+	fx_reopen(&fx);
+	ASSERT_EQ(spool_count(fx.sp), 0);
+	ASSERT_EQ(count_files(&fx, "queue"), 0);
+	ASSERT_EQ(count_files(&fx, "quarantine"), 0);
+	fx_teardown(&fx);
+}
+
+TEST(serialised_updates)
+{
+	enum { N = 20 };
+	static struct done d[N];
+	struct fixture fx;
+	struct envelope *env;
+	const struct envelope *got;
+	char id[ENVELOPE_ID_LEN + 1], name[32];
+	int seq = 0, i;
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "same id\r\n", id);
+	env = dup_indexed(&fx, id);
+	for (i = 0; i < N; i++) {
+		env->rcpts[0].attempts = i + 1;
+		free(env->rcpts[0].last_reply);
+		env->rcpts[0].last_reply = xasprintf("451 4.0.0 try %d", i + 1);
+		d[i].seq = &seq;
+		d[i].fx = &fx;
+		str_copy(d[i].id, id, sizeof d[i].id);
+		/* Each callback sees exactly its own version indexed. */
+		d[i].want_attempts = i + 1;
+		spool_env_update(fx.sp, env, on_done, &d[i]);
+	}
+	envelope_free(env);
+	free(env);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	for (i = 0; i < N; i++) {
+		ASSERT_EQ(d[i].calls, 1);
+		ASSERT_EQ(d[i].status, 0);
+		ASSERT_EQ(d[i].order, i + 1);	/* call order */
+	}
+	got = spool_find(fx.sp, id);
+	ASSERT_EQ(got->rcpts[0].attempts, N);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, "451 4.0.0 try 20");
+	snprintf(name, sizeof name, "%s.env.tmp", id);
+	ASSERT(!file_exists(&fx, "queue", name));
+	fx_reopen(&fx);
+	got = spool_find(fx.sp, id);
+	ASSERT_EQ(got->rcpts[0].attempts, N);
+	ASSERT_STR_EQ(got->rcpts[0].last_reply, "451 4.0.0 try 20");
+	fx_teardown(&fx);
+}
+
+/* State for update_chain: each callback queues the next update. */
+struct upd_chain {
+	struct fixture *fx;	/* where */
+	char id[ENVELOPE_ID_LEN + 1];	/* which message */
+	int left;		/* updates still to queue */
+	int done;		/* callbacks seen */
+};
+
+static void on_upd_chain(void *, int);
+
+/* on_upd_chain - re-enter the spool from inside an update callback */
+static void
+on_upd_chain(void *arg, int status)
+{
+	struct upd_chain *c = arg;
+	struct envelope *env;
+
+	ASSERT_EQ(status, 0);
+	c->done++;
+	ASSERT_EQ(spool_find(c->fx->sp, c->id)->rcpts[0].attempts, c->done);
+	if (c->left-- <= 0)
+		return;
+	env = dup_indexed(c->fx, c->id);
+	env->rcpts[0].attempts++;
+	spool_env_update(c->fx->sp, env, on_upd_chain, c);
+	envelope_free(env);
+	free(env);
+}
+
+TEST(update_chain)
+{
+	struct fixture fx;
+	struct upd_chain c = { &fx, "", 4, 0 };
+	struct envelope *env;
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "chain\r\n", c.id);
+	env = dup_indexed(&fx, c.id);
+	env->rcpts[0].attempts = 1;
+	spool_env_update(fx.sp, env, on_upd_chain, &c);
+	envelope_free(env);
+	free(env);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(c.done, 5);
+	fx_reopen(&fx);
+	ASSERT_EQ(spool_find(fx.sp, c.id)->rcpts[0].attempts, 5);
+	fx_teardown(&fx);
+}
+
+TEST(remove_reopen)
+{
+	struct fixture fx;
+	struct done late = { 0 };
+	struct envelope *env;
+	char a[ENVELOPE_ID_LEN + 1], b[ENVELOPE_ID_LEN + 1], name[32];
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "first\r\n", a);
+	commit_wait(&fx, "second\r\n", b);
+	env = dup_indexed(&fx, a);
+	spool_msg_remove(fx.sp, a);
+	/* Out of the index at once; the files go on the pool. */
+	ASSERT(spool_find(fx.sp, a) == NULL);
+	ASSERT_EQ(spool_count(fx.sp), 1);
+	ASSERT(spool_busy(fx.sp));
+	/* An update after the removal is refused, not resurrected. */
+	spool_env_update(fx.sp, env, on_done, &late);
+	envelope_free(env);
+	free(env);
+	spool_msg_remove(fx.sp, a);		/* twice: logged, ignored */
+	spool_msg_remove(fx.sp, "nonsense");
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(late.calls, 1);
+	ASSERT_EQ(late.status, -ENOENT);
+	ASSERT(!spool_busy(fx.sp));
+	snprintf(name, sizeof name, "%s.env", a);
+	ASSERT(!file_exists(&fx, "queue", name));
+	snprintf(name, sizeof name, "%s.msg", a);
+	ASSERT(!file_exists(&fx, "queue", name));
+	ASSERT_EQ(count_files(&fx, "queue"), 2);
+	fx_reopen(&fx);
+	ASSERT_EQ(spool_count(fx.sp), 1);
+	ASSERT(spool_find(fx.sp, a) == NULL);
+	ASSERT(spool_find(fx.sp, b) != NULL);
+	fx_teardown(&fx);
+}
+
+TEST(remove_after_update)
+{
+	struct fixture fx;
+	struct done d = { 0 };
+	struct envelope *env;
+
+	char id[ENVELOPE_ID_LEN + 1];
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	commit_wait(&fx, "final\r\n", id);
+	env = dup_indexed(&fx, id);
+	env->rcpts[0].state = ENV_RCPT_SENT;
+	env->rcpts[1].state = ENV_RCPT_BOUNCED;
+	/* Record the outcome, then forget: the removal waits its turn. */
+	spool_env_update(fx.sp, env, on_done, &d);
+	spool_msg_remove(fx.sp, id);
+	envelope_free(env);
+	free(env);
+	ASSERT(spool_find(fx.sp, id) == NULL);
+	ASSERT_EQ(spool_count(fx.sp), 0);
+	ASSERT_EQ(d.calls, 0);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(d.calls, 1);
+	ASSERT_EQ(d.status, 0);		/* durable, though already unindexed */
+	ASSERT_EQ(count_files(&fx, "queue"), 0);
+	fx_reopen(&fx);
+	ASSERT_EQ(spool_count(fx.sp), 0);
+	fx_teardown(&fx);
+}
+
+TEST(recover_done)
+{
+	struct fixture fx;
+	struct envelope *env;
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	spool_close(fx.sp);
+	fx.sp = NULL;
+	/* A removal lost in a crash: every recipient is final on disk. */
+	env = make_env("hand@example.com");
+	memcpy(env->id, "6743a1f000000021", ENVELOPE_ID_LEN + 1);
+	env->rcpts[0].state = ENV_RCPT_SENT;
+	env->rcpts[1].state = ENV_RCPT_BOUNCED;
+	put_message_env(&fx, env, "done\r\n");
+	/* One recipient still pending: it stays. */
+	memcpy(env->id, "6743a1f000000022", ENVELOPE_ID_LEN + 1);
+	env->rcpts[1].state = ENV_RCPT_PENDING;
+	put_message_env(&fx, env, "not yet\r\n");
+	envelope_free(env);
+	free(env);
+	/* A crash between the two unlinks: the orphan body goes. */
+	put_file(&fx, "queue", "6743a1f000000023.msg", "half", 4);
+	fx_open(&fx);
+	ASSERT_EQ(spool_count(fx.sp), 1);
+	ASSERT(spool_find(fx.sp, "6743a1f000000021") == NULL);
+	ASSERT(spool_find(fx.sp, "6743a1f000000022") != NULL);
+	ASSERT(!file_exists(&fx, "queue", "6743a1f000000021.env"));
+	ASSERT(!file_exists(&fx, "queue", "6743a1f000000021.msg"));
+	ASSERT(!file_exists(&fx, "queue", "6743a1f000000023.msg"));
+	ASSERT_EQ(count_files(&fx, "queue"), 2);
+	ASSERT_EQ(count_files(&fx, "quarantine"), 0);
+	fx_teardown(&fx);
+}
+
+TEST(body_open)
+{
+	static const char body[] = "Subject: b\r\n\r\n\x00\x01\xff\r\n."
+	    "\r\nlast";
+	struct fixture fx;
+	char id[ENVELOPE_ID_LEN + 1], got[sizeof body + 16];
+	struct spool_msg *m;
+	struct result res;
+	ssize_t n;
+	int fd, fd2;
+
+	fx_setup(&fx);
+	fx_open(&fx);
+	memset(&res, 0, sizeof res);
+	ASSERT_EQ(spool_msg_new(fx.sp, &m), 0);
+	ASSERT_EQ(spool_msg_write(m, body, sizeof body - 1), 0);
+	spool_msg_commit(m, make_env("b@example.com"), on_commit, &res);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(res.status, 0);
+	str_copy(id, res.id, sizeof id);
+	ASSERT_EQ(spool_body_open(fx.sp, id, &fd), 0);
+	ASSERT((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+	ASSERT_EQ(n = read(fd, got, sizeof got), (ssize_t)(sizeof body - 1));
+	ASSERT(memcmp(got, body, sizeof body - 1) == 0);
+	ASSERT_EQ(read(fd, got, sizeof got), 0);
+	ASSERT(write(fd, "x", 1) < 0);		/* read-only */
+	ASSERT_EQ(spool_body_open(fx.sp, "0000000000000001", &fd2), -ENOENT);
+	ASSERT_EQ(fd2, -1);
+	ASSERT_EQ(spool_body_open(fx.sp, "../lock", &fd2), -ENOENT);
+	/* Removed while open: the open fd still reads (a DSN in progress). */
+	spool_msg_remove(fx.sp, id);
+	ASSERT_EQ(spool_body_open(fx.sp, id, &fd2), -ENOENT);
+	ASSERT_EQ(uv_run(&fx.loop, UV_RUN_DEFAULT), 0);
+	ASSERT_EQ(pread(fd, got, sizeof got, 0), (ssize_t)(sizeof body - 1));
+	ASSERT(memcmp(got, body, sizeof body - 1) == 0);
+	close(fd);
+	fx_teardown(&fx);
+}
+
 TEST_MAIN("spool",
     TEST_ENTRY(commit_reopen),
     TEST_ENTRY(callback_not_inline),
@@ -689,4 +1161,13 @@ TEST_MAIN("spool",
     TEST_ENTRY(ids_increasing),
     TEST_ENTRY(ids_after_recovery),
     TEST_ENTRY(large_message_rss),
-    TEST_ENTRY(lock_exclusive))
+    TEST_ENTRY(lock_exclusive),
+    TEST_ENTRY(update_reopen),
+    TEST_ENTRY(update_failure_keeps_old),
+    TEST_ENTRY(concurrent_updates),
+    TEST_ENTRY(serialised_updates),
+    TEST_ENTRY(update_chain),
+    TEST_ENTRY(remove_reopen),
+    TEST_ENTRY(remove_after_update),
+    TEST_ENTRY(recover_done),
+    TEST_ENTRY(body_open))
