@@ -45,6 +45,9 @@ SRCS_RELAY += relay/listener.c
 SRCS_RELAY += relay/control.c
 SRCS_RELAY += relay/daemon.c
 SRCS_RELAY += relay/dsn.c
+SRCS_RELAY += relay/verdict.c
+SRCS_RELAY += relay/dlv_session.c
+SRCS_RELAY += relay/scheduler.c
 
 LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_DNS) $(SRCS_QUEUE) $(SRCS_RELAY)
 LIB_OBJS = $(LIB_SRCS:%.c=$(BUILD)/%.o)

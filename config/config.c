@@ -16,7 +16,9 @@
  *	same pass and an error names the first bad line. An unknown key is an
  *	error, not a warning: a misspelt limit that is silently ignored is
  *	worse than a daemon that refuses to start. Lists of records (listeners,
- *	users, networks, trace flags, DNS servers) have their own parsers.
+ *	users, networks, trace flags, DNS servers, the retry schedule) and the
+ *	delivery source address have their own parsers. A group inside a group
+ *	(delivery.timeouts) has the scope "outer.inner".
  *
  *	Error policy: the first problem wins. Its text goes into the caller's
  *	err buffer as "file:line: message" and the function returns
@@ -46,6 +48,9 @@
 #define CFG_MAX_FILE	(1024 * 1024)	/* a bigger config file is a mistake */
 #define CFG_DAY_MS	(86400LL * 1000)	/* longest timeout */
 #define CFG_MAX_DNS_SERVERS	16	/* more is a mistake; c-ares tries in order */
+#define CFG_HOUR_MS	(3600LL * 1000)	/* longest outbound SMTP timeout */
+#define CFG_MAX_QUEUE_MS (30 * CFG_DAY_MS)	/* longest queue lifetime */
+#define CFG_MAX_RETRIES	32	/* retry_schedule entries */
 
 /* One load in progress: where messages go and what is being built. */
 struct cfg_parse {
@@ -63,10 +68,14 @@ enum cfg_kind {
 	CFG_K_BOOL,	/* bool */
 	CFG_K_INT,	/* int in lo..hi, int or int64 literal */
 	CFG_K_U64,	/* uint64_t in lo..hi, int or int64 literal */
+	CFG_K_STR0,	/* char *, "" = NULL (the default) */
 	CFG_K_MS,	/* int ms; seconds given as int or float, lo..hi ms */
+	CFG_K_MS64,	/* uint64_t ms; like CFG_K_MS */
 	CFG_K_SEC,	/* int s; like CFG_K_MS, rounded to whole seconds */
+	CFG_K_FRAC,	/* double, int or float, lo/1000..hi/1000 */
 	CFG_K_MODE,	/* int permission bits from an octal string */
 	CFG_K_TLS,	/* enum cfg_tls_mode from its name */
+	CFG_K_DLV_TLS,	/* int enum cfg_dlv_tls from its name */
 };
 
 /* One schema entry: a key inside a scope, stored at base + off. */
@@ -95,6 +104,7 @@ static const struct cfg_key cfg_keys[] = {
 	{ NULL, "auth", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "log", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "dns", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "delivery", CFG_K_GROUP, 0, 0, 0 },
 	{ "control", "socket", CFG_K_STR, 0, 0, RC(control_socket) },
 	{ "control", "mode", CFG_K_MODE, 0, 0777, RC(control_mode) },
 	{ "tls", "certificate", CFG_K_STR, 0, 0, RC(tls_cert) },
@@ -135,6 +145,54 @@ static const struct cfg_key cfg_keys[] = {
 	{ "dns", "negative_ttl", CFG_K_SEC, 0, CFG_DAY_MS,
 	    RC(dns.negative_ttl_s) },
 	{ "dns", "cache_size", CFG_K_INT, 0, 10000000, RC(dns.cache_size) },
+	{ "delivery", "enabled", CFG_K_BOOL, 0, 0, RC(delivery.enabled) },
+	{ "delivery", "port", CFG_K_INT, 1, 65535, RC(delivery.port) },
+	{ "delivery", "source_address", CFG_K_OTHER, 0, 0, 0 },
+	{ "delivery", "helo", CFG_K_STR0, 0, 0, RC(delivery.helo) },
+	{ "delivery", "tls", CFG_K_DLV_TLS, 0, 0, RC(delivery.tls) },
+	{ "delivery", "max_connections", CFG_K_INT, 1, 100000,
+	    RC(delivery.max_connections) },
+	/* The upper bound is max_connections, checked after the walk. */
+	{ "delivery", "max_connections_per_domain", CFG_K_INT, 1, 10000,
+	    RC(delivery.max_connections_per_domain) },
+	{ "delivery", "max_connections_per_host", CFG_K_INT, 1, 10000,
+	    RC(delivery.max_connections_per_host) },
+	{ "delivery", "max_messages_per_connection", CFG_K_INT, 1, 100000,
+	    RC(delivery.max_messages_per_connection) },
+	{ "delivery", "max_recipients_per_transaction", CFG_K_INT, 1, 100000,
+	    RC(delivery.max_recipients_per_transaction) },
+	/* Checked against min_retry after the walk. */
+	{ "delivery", "retry_schedule", CFG_K_OTHER, 0, 0, 0 },
+	{ "delivery", "retry_jitter", CFG_K_FRAC, 0, 500,
+	    RC(delivery.retry_jitter) },
+	{ "delivery", "min_retry", CFG_K_SEC, 1000, CFG_DAY_MS,
+	    RC(delivery.min_retry_s) },
+	{ "delivery", "max_queue_lifetime", CFG_K_SEC, 60 * 1000,
+	    CFG_MAX_QUEUE_MS, RC(delivery.max_queue_lifetime_s) },
+	/* Below max_queue_lifetime unless 0, checked after the walk. */
+	{ "delivery", "delay_warning", CFG_K_SEC, 0, CFG_MAX_QUEUE_MS,
+	    RC(delivery.delay_warning_s) },
+	{ "delivery", "timeouts", CFG_K_GROUP, 0, 0, 0 },
+	{ "delivery.timeouts", "connect", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_CONNECT]) },
+	{ "delivery.timeouts", "banner", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_BANNER]) },
+	{ "delivery.timeouts", "ehlo", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_EHLO]) },
+	{ "delivery.timeouts", "starttls", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_STARTTLS]) },
+	{ "delivery.timeouts", "mail", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_MAIL]) },
+	{ "delivery.timeouts", "rcpt", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_RCPT]) },
+	{ "delivery.timeouts", "data", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_DATA]) },
+	{ "delivery.timeouts", "dot", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_DOT]) },
+	{ "delivery.timeouts", "rset", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_RSET]) },
+	{ "delivery.timeouts", "quit", CFG_K_MS64, 1, CFG_HOUR_MS,
+	    RC(delivery.timeout_ms[CFG_PHASE_QUIT]) },
 	{ "listeners", "name", CFG_K_STR, 0, 0, LS(name) },
 	{ "listeners", "address", CFG_K_STR, 0, 0, LS(address) },
 	{ "listeners", "port", CFG_K_INT, 1, 65535, LS(port) },
@@ -149,6 +207,15 @@ static const char *const cfg_tls_names[] = {
 	[CFG_TLS_STARTTLS] = "starttls",
 	[CFG_TLS_IMPLICIT] = "implicit",
 };
+
+static const char *const cfg_dlv_tls_names[] = {
+	[CFG_DLV_TLS_NONE] = "none",
+	[CFG_DLV_TLS_OPPORTUNISTIC] = "opportunistic",
+	[CFG_DLV_TLS_REQUIRED] = "required",
+};
+
+/* delivery.retry_schedule default, s: 5th retry ~2 h 22 min in, then 4000. */
+static const int cfg_retry_default[] = { 300, 600, 1200, 2400, 4000 };
 
 /* log.trace names; "all" is a convenience for debugging sessions. */
 static const struct {
@@ -196,6 +263,11 @@ static int cfg_parse_nets(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_trace(struct cfg_parse *, const config_setting_t *);
 static int cfg_server_parse(const char *, char *, size_t);
 static int cfg_parse_servers(struct cfg_parse *, const config_setting_t *);
+static int cfg_cap(struct cfg_parse *, const config_setting_t *,
+    const char *, const char *, int *, int, const char *);
+static int cfg_parse_delivery(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_source(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_retry(struct cfg_parse *, const config_setting_t *);
 
 /* cfg_fail - format "file:line: message" into the caller's buffer */
 static int
@@ -348,6 +420,37 @@ cfg_new(void)
 	cfg->dns.max_mx_ttl_s = 3600;
 	cfg->dns.negative_ttl_s = 300;
 	cfg->dns.cache_size = 10000;
+	cfg->delivery.enabled = true;
+	cfg->delivery.port = 25;
+	cfg->delivery.has_source = false;
+	cfg->delivery.helo = NULL;
+	cfg->delivery.tls = CFG_DLV_TLS_OPPORTUNISTIC;
+	cfg->delivery.max_connections = 200;
+	cfg->delivery.max_connections_per_domain = 20;
+	cfg->delivery.max_connections_per_host = 10;
+	cfg->delivery.max_messages_per_connection = 100;
+	/* RFC 5321 4.5.3.1.8: a server must take at least 100. */
+	cfg->delivery.max_recipients_per_transaction = 100;
+	cfg->delivery.nretry = ARRAY_SIZE(cfg_retry_default);
+	cfg->delivery.retry_schedule_s = xcalloc(cfg->delivery.nretry,
+	    sizeof *cfg->delivery.retry_schedule_s);
+	memcpy(cfg->delivery.retry_schedule_s, cfg_retry_default,
+	    sizeof cfg_retry_default);
+	cfg->delivery.retry_jitter = 0.1;
+	cfg->delivery.min_retry_s = 60;
+	cfg->delivery.max_queue_lifetime_s = 5 * 86400;
+	cfg->delivery.delay_warning_s = 0;
+	/* RFC 5321 4.5.3.2; connect, STARTTLS, RSET and QUIT are ours. */
+	cfg->delivery.timeout_ms[CFG_PHASE_CONNECT] = 30 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_BANNER] = 300 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_EHLO] = 300 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_STARTTLS] = 120 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_MAIL] = 300 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_RCPT] = 300 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_DATA] = 120 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_DOT] = 600 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_RSET] = 60 * 1000;
+	cfg->delivery.timeout_ms[CFG_PHASE_QUIT] = 60 * 1000;
 	return cfg;
 }
 
@@ -371,6 +474,8 @@ cfg_free(struct relay_config *cfg)
 	for (i = 0; i < cfg->dns.nservers; i++)
 		free(cfg->dns.servers[i]);
 	free(cfg->dns.servers);
+	free(cfg->delivery.helo);
+	free(cfg->delivery.retry_schedule_s);
 	free(cfg->path);
 	free(cfg->hostname);
 	free(cfg->spool_dir);
@@ -595,7 +700,7 @@ cfg_apply(struct cfg_parse *p, const config_setting_t *g, const char *scope,
 		    (unsigned int)i);
 		const char *name = config_setting_name(s);
 
-		/* A linear scan: ~40 entries, once per load. */
+		/* A linear scan: ~75 entries, once per load. */
 		for (k = 0; k < ARRAY_SIZE(cfg_keys); k++)
 			if (strcmp(cfg_keys[k].key, name) == 0 &&
 			    (scope == NULL ? cfg_keys[k].scope == NULL :
@@ -626,6 +731,7 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 	bool isint = type == CONFIG_TYPE_INT || type == CONFIG_TYPE_INT64;
 	const char *v = type == CONFIG_TYPE_STRING ?
 	    config_setting_get_string(s) : NULL;
+	char scope[64];
 	long long n;
 	double ms;
 	size_t i;
@@ -635,16 +741,21 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 		if (type != CONFIG_TYPE_GROUP)
 			return cfg_fail(p, s, "'%s' must be a group { ... }",
 			    k->key);
-		return cfg_apply(p, s, k->key, base);
+		if (k->scope == NULL)
+			return cfg_apply(p, s, k->key, base);
+		/* Nested: "delivery.timeouts" is not the top-level one. */
+		snprintf(scope, sizeof scope, "%s.%s", k->scope, k->key);
+		return cfg_apply(p, s, scope, base);
 	case CFG_K_OTHER:
 		return 0;
 	case CFG_K_STR:
+	case CFG_K_STR0:
 		if (v == NULL)
 			return cfg_fail(p, s, "'%s' must be a string", k->key);
-		if (*v == '\0')
+		if (*v == '\0' && k->kind == CFG_K_STR)
 			return cfg_fail(p, s, "'%s' must not be empty", k->key);
 		free(*(char **)dst);
-		*(char **)dst = xstrdup(v);
+		*(char **)dst = *v == '\0' ? NULL : xstrdup(v);
 		return 0;
 	case CFG_K_BOOL:
 		if (type != CONFIG_TYPE_BOOL)
@@ -668,6 +779,7 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 			*(uint64_t *)dst = (uint64_t)n;
 		return 0;
 	case CFG_K_MS:
+	case CFG_K_MS64:
 	case CFG_K_SEC:
 		if (type == CONFIG_TYPE_FLOAT)
 			ms = config_setting_get_float(s) * 1000.0;
@@ -678,12 +790,31 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 			    "seconds", k->key);
 		/* Written negated so that NaN fails too. */
 		if (!(ms >= (double)k->lo && ms <= (double)k->hi))
-			return cfg_fail(p, s, "'%s' must be between %g and %g "
-			    "seconds", k->key, (double)k->lo / 1000.0,
+			return cfg_fail(p, s, "'%s' must be between %.10g and "
+			    "%.10g seconds", k->key, (double)k->lo / 1000.0,
 			    (double)k->hi / 1000.0);
 		/* Round, so that 0.1 s is 100 ms and not 99.99999. */
 		n = (long long)(ms + 0.5);
-		*(int *)dst = (int)(k->kind == CFG_K_MS ? n : (n + 500) / 1000);
+		if (k->kind == CFG_K_MS64)
+			*(uint64_t *)dst = (uint64_t)n;
+		else
+			*(int *)dst = (int)(k->kind == CFG_K_MS ? n :
+			    (n + 500) / 1000);
+		return 0;
+	case CFG_K_FRAC:
+		/* ms is the plain value here; lo and hi are thousandths. */
+		if (type == CONFIG_TYPE_FLOAT)
+			ms = config_setting_get_float(s);
+		else if (isint)
+			ms = (double)config_setting_get_int64(s);
+		else
+			return cfg_fail(p, s, "'%s' must be a number", k->key);
+		if (!(ms >= (double)k->lo / 1000.0 &&
+		    ms <= (double)k->hi / 1000.0))
+			return cfg_fail(p, s, "'%s' must be between %g and %g",
+			    k->key, (double)k->lo / 1000.0,
+			    (double)k->hi / 1000.0);
+		*(double *)dst = ms;
 		return 0;
 	case CFG_K_MODE:
 		/* A string, because libconfig has no octal: 0600 means 600. */
@@ -704,6 +835,15 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 			}
 		return cfg_fail(p, s, "'%s' must be one of \"none\", "
 		    "\"starttls\" or \"implicit\"", k->key);
+	case CFG_K_DLV_TLS:
+		for (i = 0; v != NULL && i < ARRAY_SIZE(cfg_dlv_tls_names);
+		    i++)
+			if (strcmp(v, cfg_dlv_tls_names[i]) == 0) {
+				*(int *)dst = (int)i;
+				return 0;
+			}
+		return cfg_fail(p, s, "'%s' must be one of \"none\", "
+		    "\"opportunistic\" or \"required\"", k->key);
 	}
 	/* Only a new kind added to the table without a case gets here. */
 	relay_panic("cfg_value: kind %d", (int)k->kind);
@@ -764,22 +904,167 @@ cfg_parse_root(struct cfg_parse *p, const config_setting_t *root)
 	if ((rc = cfg_seq(p, g, "servers", &s)) < 0 ||
 	    (s != NULL && (rc = cfg_parse_servers(p, s)) < 0))
 		return rc;
+	if ((rc = cfg_parse_delivery(p, root)) < 0)
+		return rc;
 
 	/*
 	 * max_connections_per_ip may not exceed max_connections. Its default
 	 * (50) follows a small max_connections down instead of making
 	 * "max_connections = 10;" alone an error.
 	 */
-	if (cfg->limits.max_connections_per_ip > cfg->limits.max_connections) {
-		g = config_setting_get_member(root, "limits");
-		if (g != NULL && (g = config_setting_get_member(g,
-		    "max_connections_per_ip")) != NULL)
-			return cfg_fail(p, g, "'max_connections_per_ip' (%d) "
-			    "must not exceed max_connections (%d)",
-			    cfg->limits.max_connections_per_ip,
-			    cfg->limits.max_connections);
-		cfg->limits.max_connections_per_ip =
-		    cfg->limits.max_connections;
+	return cfg_cap(p, root, "limits", "max_connections_per_ip",
+	    &cfg->limits.max_connections_per_ip, cfg->limits.max_connections,
+	    "max_connections");
+}
+
+/*
+ * cfg_cap - *v may not exceed max (the value of maxkey). A value set in
+ * group of the file is an error naming its line; a default above max
+ * follows it down.
+ */
+static int
+cfg_cap(struct cfg_parse *p, const config_setting_t *root, const char *group,
+    const char *key, int *v, int max, const char *maxkey)
+{
+	const config_setting_t *g;
+
+	if (*v <= max)
+		return 0;
+	g = config_setting_get_member(root, group);
+	if (g != NULL && (g = config_setting_get_member(g, key)) != NULL)
+		return cfg_fail(p, g, "'%s' (%d) must not exceed %s (%d)", key,
+		    *v, maxkey, max);
+	*v = max;
+	return 0;
+}
+
+/* cfg_parse_delivery - what the delivery walk left: lists, cross checks */
+static int
+cfg_parse_delivery(struct cfg_parse *p, const config_setting_t *root)
+{
+	struct relay_config *cfg = p->cfg;
+	const config_setting_t *g = config_setting_get_member(root,
+	    "delivery");
+	config_setting_t *s;
+	size_t i;
+	int rc;
+
+	if (g != NULL &&
+	    (s = config_setting_get_member(g, "source_address")) != NULL &&
+	    (rc = cfg_parse_source(p, s)) < 0)
+		return rc;
+	/* The same rule as hostname, which is what an unset helo means. */
+	if (cfg->delivery.helo != NULL &&
+	    !cfg_hostname_valid(cfg->delivery.helo))
+		return cfg_fail(p, config_setting_get_member(g, "helo"),
+		    "helo '%s' is not a valid domain name", cfg->delivery.helo);
+	if ((rc = cfg_seq(p, g, "retry_schedule", &s)) < 0)
+		return rc;
+	if (s != NULL) {
+		if ((rc = cfg_parse_retry(p, s)) < 0)
+			return rc;
+	} else {
+		/* The default follows a larger min_retry up, as per_ip does. */
+		for (i = 0; i < cfg->delivery.nretry; i++)
+			if (cfg->delivery.retry_schedule_s[i] <
+			    cfg->delivery.min_retry_s)
+				cfg->delivery.retry_schedule_s[i] =
+				    cfg->delivery.min_retry_s;
+	}
+	/* A warning at or after the bounce would never be sent. */
+	if (cfg->delivery.delay_warning_s != 0 &&
+	    cfg->delivery.delay_warning_s >=
+	    cfg->delivery.max_queue_lifetime_s)
+		return cfg_fail(p, config_setting_get_member(g,
+		    "delay_warning"), "'delay_warning' (%d) must be less than "
+		    "max_queue_lifetime (%d), or 0",
+		    cfg->delivery.delay_warning_s,
+		    cfg->delivery.max_queue_lifetime_s);
+	return cfg_cap(p, root, "delivery", "max_connections_per_domain",
+	    &cfg->delivery.max_connections_per_domain,
+	    cfg->delivery.max_connections, "max_connections");
+}
+
+/* cfg_parse_source - delivery.source_address: numeric address or "" */
+static int
+cfg_parse_source(struct cfg_parse *p, const config_setting_t *s)
+{
+	struct relay_config *cfg = p->cfg;
+	struct sockaddr_storage *ss = &cfg->delivery.source;
+	uint8_t addr[16];
+	const char *v;
+	int family;
+
+	if (config_setting_type(s) != CONFIG_TYPE_STRING)
+		return cfg_fail(p, s, "'source_address' must be a string");
+	v = config_setting_get_string(s);
+	memset(ss, 0, sizeof *ss);
+	cfg->delivery.has_source = false;
+	if (*v == '\0')
+		return 0;
+	if (!cfg_addr_parse(v, &family, addr))
+		return cfg_fail(p, s, "'source_address' must be a numeric IPv4 "
+		    "or IPv6 address or \"\", not '%s'", v);
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = (void *)ss;
+
+		sin->sin_family = AF_INET;
+		memcpy(&sin->sin_addr, addr, 4);
+	} else {
+		struct sockaddr_in6 *sin6 = (void *)ss;
+
+		sin6->sin6_family = AF_INET6;
+		memcpy(&sin6->sin6_addr, addr, 16);
+	}
+	cfg->delivery.has_source = true;
+	return 0;
+}
+
+/*
+ * cfg_parse_retry - delivery.retry_schedule: 1..CFG_MAX_RETRIES delays in
+ * seconds (int or float, rounded), each >= min_retry and none shorter than
+ * the one before. Replaces the default.
+ */
+static int
+cfg_parse_retry(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, n = (size_t)config_setting_length(list);
+	double ms;
+	int *d;
+
+	if (n == 0 || n > CFG_MAX_RETRIES)
+		return cfg_fail(p, list, "'retry_schedule' must hold 1 to %d "
+		    "delays", CFG_MAX_RETRIES);
+	/* Swapped in up front so cfg_free() has one array to free. */
+	free(cfg->delivery.retry_schedule_s);
+	cfg->delivery.retry_schedule_s = d = xcalloc(n, sizeof *d);
+	cfg->delivery.nretry = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		int type = config_setting_type(e);
+
+		if (type == CONFIG_TYPE_FLOAT)
+			ms = config_setting_get_float(e) * 1000.0;
+		else if (type == CONFIG_TYPE_INT || type == CONFIG_TYPE_INT64)
+			ms = (double)config_setting_get_int64(e) * 1000.0;
+		else
+			return cfg_fail(p, e, "'retry_schedule' entries must "
+			    "be numbers of seconds");
+		if (!(ms >= 1000.0 && ms <= (double)CFG_MAX_QUEUE_MS))
+			return cfg_fail(p, e, "'retry_schedule' entries must "
+			    "be between 1 and %lld seconds",
+			    CFG_MAX_QUEUE_MS / 1000);
+		d[i] = (int)(((long long)(ms + 0.5) + 500) / 1000);
+		if (d[i] < cfg->delivery.min_retry_s)
+			return cfg_fail(p, e, "retry_schedule entry %zu (%d) is "
+			    "shorter than min_retry (%d)", i + 1, d[i],
+			    cfg->delivery.min_retry_s);
+		if (i > 0 && d[i] < d[i - 1])
+			return cfg_fail(p, e, "retry_schedule entry %zu (%d) is "
+			    "shorter than the one before it (%d); the delays "
+			    "must not decrease", i + 1, d[i], d[i - 1]);
 	}
 	return 0;
 }

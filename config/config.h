@@ -20,6 +20,35 @@ enum cfg_tls_mode {
 	CFG_TLS_IMPLICIT,	/* TLS from the first byte (port 465) */
 };
 
+/*
+ * Outbound STARTTLS policy (delivery.tls). The values mirror enum dlv_tls
+ * in relay/dlv_session.h, which config/ may not include: keep them equal.
+ */
+enum cfg_dlv_tls {
+	CFG_DLV_TLS_NONE,		/* never STARTTLS */
+	CFG_DLV_TLS_OPPORTUNISTIC,	/* STARTTLS when offered */
+	CFG_DLV_TLS_REQUIRED,		/* no STARTTLS offered: the host fails */
+};
+
+/*
+ * Indexes of delivery.timeout_ms[]. They mirror enum dlv_phase in
+ * relay/verdict.h, in the same order, so the array can be copied into a
+ * struct dlv_target as it is: keep the two identical.
+ */
+enum cfg_phase {
+	CFG_PHASE_CONNECT,	/* TCP connect */
+	CFG_PHASE_BANNER,	/* 220 greeting */
+	CFG_PHASE_EHLO,		/* EHLO or HELO */
+	CFG_PHASE_STARTTLS,	/* STARTTLS and the handshake */
+	CFG_PHASE_MAIL,		/* MAIL FROM */
+	CFG_PHASE_RCPT,		/* RCPT TO */
+	CFG_PHASE_DATA,		/* DATA (the 354) */
+	CFG_PHASE_DOT,		/* the reply after the body */
+	CFG_PHASE_RSET,		/* RSET between messages */
+	CFG_PHASE_QUIT,		/* QUIT */
+	CFG_PHASE_LAST
+};
+
 struct cfg_listener {
 	char *name;		/* label for logs, e.g. "submission" */
 	char *address;		/* numeric IPv4/IPv6 address to bind */
@@ -97,6 +126,28 @@ struct relay_config {
 		int negative_ttl_s;	/* NXDOMAIN / null MX / no host cache */
 		int cache_size;		/* domains cached; 0 = no cache */
 	} dns;
+
+	struct {
+		bool enabled;		/* false: only queue (submission only) */
+		int port;		/* destination port, usually 25 */
+		bool has_source;	/* bind outgoing connections to source */
+		struct sockaddr_storage source;	/* port 0; if has_source */
+		char *helo;		/* EHLO name; NULL = use hostname */
+		int tls;		/* enum cfg_dlv_tls (= enum dlv_tls) */
+		int max_connections;		/* all outbound together */
+		int max_connections_per_domain;	/* per destination domain */
+		int max_connections_per_host;	/* per MX IP address */
+		int max_messages_per_connection; /* transactions, then QUIT */
+		int max_recipients_per_transaction; /* RCPTs per MAIL */
+		int *retry_schedule_s;	/* delays in s, non-decreasing, each
+					   >= min_retry_s; the last repeats */
+		size_t nretry;		/* 1..32 */
+		double retry_jitter;	/* 0..0.5: delay * [1-j, 1+j] */
+		int min_retry_s;	/* no retry sooner than this */
+		int max_queue_lifetime_s; /* undelivered after this: bounce */
+		int delay_warning_s;	/* "delayed" DSN at this age; 0 = none */
+		uint64_t timeout_ms[CFG_PHASE_LAST];	/* by enum cfg_phase */
+	} delivery;
 };
 
 /*

@@ -33,6 +33,7 @@
 #include "relay/auth.h"
 #include "relay/control.h"
 #include "relay/listener.h"
+#include "relay/scheduler.h"
 #include "relay/smtps_session.h"
 #include "relay/daemon.h"
 
@@ -98,6 +99,9 @@ relay_start(struct relay *r, uv_loop_t *loop, struct relay_config *cfg,
 		return RELAY_ETLS;
 	if ((rc = listeners_sync(r, cfg, err, errlen)) < 0)
 		return rc;
+	if (cfg->delivery.enabled &&
+	    (rc = sched_new(r, &r->sched, err, errlen)) < 0)
+		return rc;
 	if ((rc = control_open(r, cfg->control_socket, cfg->control_mode,
 	    &r->control, err, errlen)) < 0)
 		return rc;
@@ -117,8 +121,20 @@ relay_start(struct relay *r, uv_loop_t *loop, struct relay_config *cfg,
 }
 
 void
+relay_queued(struct relay *r, const char *id)
+{
+	if (r->sched && !r->stopping)
+		sched_msg_queued(r->sched, id);
+}
+
+void
 relay_abort_start(struct relay *r)
 {
+	if (r->sched) {
+		sched_stop(r->sched);
+		sched_free(r->sched);
+		r->sched = NULL;
+	}
 	listeners_close_all(r);
 	control_close(r->control);
 	r->control = NULL;
@@ -187,6 +203,8 @@ relay_reload(struct relay *r)
 	config_unref(r->cfg);
 	r->cfg = cfg;
 	log_set_trace(cfg->log.trace);
+	if (r->sched)
+		sched_reload(r->sched, cfg);
 	log_info("config reloaded path=%s listeners=%zu users=%zu", cfg->path,
 	    cfg->nlisteners, cfg->nusers);
 }
@@ -200,6 +218,8 @@ relay_stop(struct relay *r, const char *why)
 	log_info("relayd stopping reason=%s sessions=%zu", why, r->nsessions);
 	listeners_close_all(r);
 	smtps_sessions_stop(r, false);
+	if (r->sched)
+		sched_stop(r->sched);
 	uv_timer_start(&r->stop_timer, relay_on_stop_timer,
 	    (uint64_t)r->cfg->timeouts.shutdown_ms, RELAY_STOP_POLL_MS);
 	relay_session_gone(r);
@@ -218,7 +238,8 @@ relay_on_stop_timer(uv_timer_t *t)
 void
 relay_session_gone(struct relay *r)
 {
-	if (!r->stopping || r->nsessions > 0 || spool_busy(r->spool))
+	if (!r->stopping || r->nsessions > 0 ||
+	    (r->sched && sched_busy(r->sched)) || spool_busy(r->spool))
 		return;
 	relay_finish(r);
 }
@@ -231,6 +252,10 @@ relay_finish(struct relay *r)
 		return;
 	control_close(r->control);
 	r->control = NULL;
+	if (r->sched) {
+		sched_free(r->sched);
+		r->sched = NULL;
+	}
 	uv_close((uv_handle_t *)&r->stop_timer, NULL);
 	uv_close((uv_handle_t *)&r->sig_term, NULL);
 	uv_close((uv_handle_t *)&r->sig_int, NULL);

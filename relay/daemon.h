@@ -21,6 +21,7 @@ struct smtps_session;
 struct auth_limiter;
 struct control;
 struct ipcount;
+struct sched;
 
 struct relay_stats {
 	uint64_t connections;		/* accepted since start */
@@ -42,6 +43,7 @@ struct relay {
 	struct ipcount *ipcount;		/* sessions per client address */
 	struct auth_limiter *auth;		/* AUTH failures per address */
 	struct control *control;		/* relayctl socket */
+	struct sched *sched;			/* delivery; NULL if disabled */
 	uv_signal_t sig_term;			/* SIGTERM: graceful stop */
 	uv_signal_t sig_int;			/* SIGINT: same */
 	uv_signal_t sig_hup;			/* SIGHUP: reload */
@@ -77,6 +79,9 @@ void relay_stop(struct relay *r, const char *why);
 
 /* relay_next_id - a new 64-bit session id for logs */
 uint64_t relay_next_id(struct relay *r);
+
+/* relay_queued - a message was committed: hand it to delivery */
+void relay_queued(struct relay *r, const char *id);
 
 /* relay_session_gone - a session ended; may finish a pending stop */
 void relay_session_gone(struct relay *r);

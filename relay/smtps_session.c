@@ -1313,6 +1313,7 @@ smtps_on_commit(void *arg, int status, const char *id)
 		    s->auth_user ? s->auth_user : "-",
 		    (unsigned long long)size);
 		smtps_reply(s, "250 2.0.0 Ok: queued as %s", id);
+		relay_queued(r, id);
 	}
 	smtps_txn_reset(s);
 	smtps_enter_state(s, SMTPS_ST_HELO);

@@ -212,13 +212,17 @@ class RelayD:
     limits / timeouts / auth: overrides merged into the defaults.
     users: {name: password}; relay_networks: list of CIDRs.
     tls_generate: let relayd create the certificate itself.
+    delivery: dict for the delivery group; None = delivery disabled, so a
+    submission test never sends anything anywhere.
+    dns: dict for the dns group; the default points at a dead loopback
+    port so relayd never falls back to the system resolver.
     extra: raw text appended to the configuration.
     """
 
     def __init__(self, listeners=None, users=None, relay_networks=None,
                  limits=None, timeouts=None, auth=None, tls_generate=False,
                  hostname="relay.test", trace=None, preexec_fn=None,
-                 extra="", start=True):
+                 extra="", start=True, delivery=None, dns=None):
         self.dir = tempfile.mkdtemp(prefix="relay-it-")
         self.spool = os.path.join(self.dir, "spool")
         self.sock = os.path.join(self.dir, "relayd.sock")
@@ -245,6 +249,10 @@ class RelayD:
         self.tls_generate = tls_generate
         self.trace = trace or []
         self.extra = extra
+        self.delivery = (dict(delivery) if delivery is not None
+                         else {"enabled": False})
+        self.dns = dict(dns) if dns is not None else {
+            "servers": ["127.0.0.1:9"], "timeout": 1, "tries": 1}
         self._log_fh = None
         self.exit_code = None
         if tls_generate:
@@ -301,6 +309,9 @@ class RelayD:
             dict(self.auth, **over.get("auth", {}))))
         lines.append("log = { syslog = false; trace = %s; };" %
                      _cval(list(self.trace)))
+        lines.append("dns = %s;" % _group(over.get("dns", self.dns)))
+        lines.append("delivery = %s;" % _group(
+            over.get("delivery", self.delivery)))
         lines.append(self.extra)
         return "\n".join(lines) + "\n"
 

@@ -575,6 +575,234 @@ TEST(dns_ranges)
 	    "t.conf:3: unknown setting 'server' in 'dns'");
 }
 
+TEST(delivery_defaults)
+{
+	struct relay_config *cfg = load_ok(MINIMAL);
+	static const int sched[] = { 300, 600, 1200, 2400, 4000 };
+	static const uint64_t tmo[CFG_PHASE_LAST] = {
+		[CFG_PHASE_CONNECT] = 30000, [CFG_PHASE_BANNER] = 300000,
+		[CFG_PHASE_EHLO] = 300000, [CFG_PHASE_STARTTLS] = 120000,
+		[CFG_PHASE_MAIL] = 300000, [CFG_PHASE_RCPT] = 300000,
+		[CFG_PHASE_DATA] = 120000, [CFG_PHASE_DOT] = 600000,
+		[CFG_PHASE_RSET] = 60000, [CFG_PHASE_QUIT] = 60000,
+	};
+	size_t i;
+
+	ASSERT(cfg->delivery.enabled);
+	ASSERT_EQ(cfg->delivery.port, 25);
+	ASSERT(!cfg->delivery.has_source);
+	ASSERT(cfg->delivery.helo == NULL);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_EQ(cfg->delivery.max_connections, 200);
+	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 20);
+	ASSERT_EQ(cfg->delivery.max_connections_per_host, 10);
+	ASSERT_EQ(cfg->delivery.max_messages_per_connection, 100);
+	ASSERT_EQ(cfg->delivery.max_recipients_per_transaction, 100);
+	ASSERT_EQ(cfg->delivery.nretry, ARRAY_SIZE(sched));
+	for (i = 0; i < ARRAY_SIZE(sched); i++)
+		ASSERT_EQ(cfg->delivery.retry_schedule_s[i], sched[i]);
+	ASSERT(cfg->delivery.retry_jitter == 0.1);
+	ASSERT_EQ(cfg->delivery.min_retry_s, 60);
+	ASSERT_EQ(cfg->delivery.max_queue_lifetime_s, 432000);
+	ASSERT_EQ(cfg->delivery.delay_warning_s, 0);
+	for (i = 0; i < CFG_PHASE_LAST; i++)
+		ASSERT_EQ(cfg->delivery.timeout_ms[i], tmo[i]);
+	config_unref(cfg);
+
+	/* Defaults follow smaller or larger bounds instead of failing. */
+	cfg = load_ok(MINIMAL "delivery = { max_connections = 5;\n"
+	    "  min_retry = 1000; };");
+	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 5);
+	ASSERT_EQ(cfg->delivery.max_connections_per_host, 10);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[0], 1000);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[2], 1200);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[4], 4000);
+	config_unref(cfg);
+}
+
+TEST(delivery_group)
+{
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "delivery = { enabled = false; port = 2526;\n"
+	    "  source_address = \"2001:DB8::25\"; helo = \"out.Example.net\";\n"
+	    "  tls = \"required\"; max_connections = 50;\n"
+	    "  max_connections_per_domain = 50; max_connections_per_host = 3;\n"
+	    "  max_messages_per_connection = 1;\n"
+	    "  max_recipients_per_transaction = 100000;\n"
+	    "  retry_schedule = ( 120, 120.4, 3600 ); retry_jitter = 0;\n"
+	    "  min_retry = 120; max_queue_lifetime = 60;\n"
+	    "  delay_warning = 59.4;\n"
+	    "  timeouts = { connect = 0.5; banner = 1; ehlo = 2; starttls = 3;\n"
+	    "    mail = 4; rcpt = 5; data = 6; dot = 3600; rset = 0.001;\n"
+	    "    quit = 7; }; };\n"
+	    "timeouts = { data = 9; };\n");
+	const struct sockaddr_in6 *sin6 = (const void *)&cfg->delivery.source;
+	struct in6_addr want;
+
+	ASSERT(!cfg->delivery.enabled);
+	ASSERT_EQ(cfg->delivery.port, 2526);
+	ASSERT(cfg->delivery.has_source);
+	ASSERT_EQ(sin6->sin6_family, AF_INET6);
+	ASSERT_EQ(sin6->sin6_port, 0);
+	ASSERT_EQ(inet_pton(AF_INET6, "2001:db8::25", &want), 1);
+	ASSERT(memcmp(&sin6->sin6_addr, &want, sizeof want) == 0);
+	ASSERT_STR_EQ(cfg->delivery.helo, "out.Example.net");
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(cfg->delivery.max_connections, 50);
+	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 50);
+	ASSERT_EQ(cfg->delivery.max_connections_per_host, 3);
+	ASSERT_EQ(cfg->delivery.max_messages_per_connection, 1);
+	ASSERT_EQ(cfg->delivery.max_recipients_per_transaction, 100000);
+	ASSERT_EQ(cfg->delivery.nretry, 3);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[0], 120);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[1], 120);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[2], 3600);
+	ASSERT(cfg->delivery.retry_jitter == 0.0);
+	ASSERT_EQ(cfg->delivery.min_retry_s, 120);
+	ASSERT_EQ(cfg->delivery.max_queue_lifetime_s, 60);
+	ASSERT_EQ(cfg->delivery.delay_warning_s, 59);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_CONNECT], 500);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_BANNER], 1000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_EHLO], 2000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_STARTTLS], 3000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_MAIL], 4000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_RCPT], 5000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_DATA], 6000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_DOT], 3600000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_RSET], 1);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_QUIT], 7000);
+	/* The top-level timeouts group is a different one. */
+	ASSERT_EQ(cfg->timeouts.data_ms, 9000);
+	config_unref(cfg);
+
+	/* IPv4 source; helo and source_address "" mean the defaults. */
+	cfg = load_ok(MINIMAL "delivery = { source_address = \"192.0.2.25\";\n"
+	    "  retry_jitter = 0.5; tls = \"none\"; };");
+	const struct sockaddr_in *sin = (const void *)&cfg->delivery.source;
+	ASSERT(cfg->delivery.has_source);
+	ASSERT_EQ(sin->sin_family, AF_INET);
+	ASSERT_EQ(sin->sin_port, 0);
+	ASSERT_EQ(ntohl(sin->sin_addr.s_addr), 0xc0000219);
+	ASSERT(cfg->delivery.retry_jitter == 0.5);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_NONE);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL "delivery = { source_address = \"\"; "
+	    "helo = \"\"; tls = \"opportunistic\"; };");
+	ASSERT(!cfg->delivery.has_source);
+	ASSERT(cfg->delivery.helo == NULL);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	config_unref(cfg);
+}
+
+TEST(delivery_errors)
+{
+	load_fail(MINIMAL "delivery = {\n  tls = \"starttls\"; };",
+	    "t.conf:3: 'tls' must be one of \"none\", \"opportunistic\" or "
+	    "\"required\"");
+	load_fail(MINIMAL "delivery = { tls = 1; };", "'tls' must be one of");
+	load_fail(MINIMAL "delivery = {\n\n"
+	    "  source_address = \"mx.example\"; };",
+	    "t.conf:4: 'source_address' must be a numeric IPv4 or IPv6 "
+	    "address or \"\", not 'mx.example'");
+	load_fail(MINIMAL "delivery = { source_address = \"10.0.0.0/8\"; };",
+	    "not '10.0.0.0/8'");
+	load_fail(MINIMAL "delivery = { source_address = \"fe80::1%eth0\"; };",
+	    "'source_address' must be a numeric");
+	load_fail(MINIMAL "delivery = {\n  source_address = 0; };",
+	    "t.conf:3: 'source_address' must be a string");
+	load_fail(MINIMAL "delivery = {\n  helo = \"[192.0.2.1]\"; };",
+	    "t.conf:3: helo '[192.0.2.1]' is not a valid domain name");
+	load_fail(MINIMAL "delivery = { enabled = 1; };",
+	    "'enabled' must be a boolean");
+	load_fail(MINIMAL "delivery = { port = 0; };",
+	    "'port' must be between 1 and 65535");
+	load_fail(MINIMAL "delivery = { max_connections = 100001; };",
+	    "'max_connections' must be between 1 and 100000");
+	load_fail(MINIMAL "delivery = { max_connections_per_host = 10001; };",
+	    "'max_connections_per_host' must be between 1 and 10000");
+	load_fail(MINIMAL "delivery = { max_messages_per_connection = 0; };",
+	    "'max_messages_per_connection' must be between 1 and 100000");
+	load_fail(MINIMAL "delivery = { max_connections = 10;\n"
+	    "  max_connections_per_domain = 11; };",
+	    "t.conf:3: 'max_connections_per_domain' (11) must not exceed "
+	    "max_connections (10)");
+	load_fail(MINIMAL "delivery = { retry_jitter = 0.51; };",
+	    "'retry_jitter' must be between 0 and 0.5");
+	load_fail(MINIMAL "delivery = { retry_jitter = -0.1; };",
+	    "'retry_jitter' must be between 0 and 0.5");
+	load_fail(MINIMAL "delivery = { retry_jitter = \"0.1\"; };",
+	    "'retry_jitter' must be a number");
+	load_fail(MINIMAL "delivery = { min_retry = 0.4; };",
+	    "'min_retry' must be between 1 and 86400 seconds");
+	load_fail(MINIMAL "delivery = { max_queue_lifetime = 59; };",
+	    "'max_queue_lifetime' must be between 60 and 2592000 seconds");
+	load_fail(MINIMAL "delivery = { max_queue_lifetime = 3600;\n"
+	    "  delay_warning = 3600; };",
+	    "t.conf:3: 'delay_warning' (3600) must be less than "
+	    "max_queue_lifetime (3600), or 0");
+	load_fail(MINIMAL "delivery = {\n  retries = 3; };",
+	    "t.conf:3: unknown setting 'retries' in 'delivery'");
+	load_fail(MINIMAL "delivery = 1;", "'delivery' must be a group");
+}
+
+TEST(delivery_retry_schedule)
+{
+	load_fail(MINIMAL "delivery = { retry_schedule = [\n"
+	    "  300,\n  600,\n  500,\n  900 ]; };",
+	    "t.conf:5: retry_schedule entry 3 (500) is shorter than the one "
+	    "before it (600); the delays must not decrease");
+	/* min_retry may come after the list and still applies. */
+	load_fail(MINIMAL "delivery = {\n  retry_schedule = [ 60,\n 30 ];\n"
+	    "  min_retry = 45; };",
+	    "t.conf:4: retry_schedule entry 2 (30) is shorter than min_retry "
+	    "(45)");
+	load_fail(MINIMAL "delivery = {\n  retry_schedule = [ 59 ]; };",
+	    "t.conf:3: retry_schedule entry 1 (59) is shorter than min_retry "
+	    "(60)");
+	load_fail(MINIMAL "delivery = {\n  retry_schedule = [ ]; };",
+	    "t.conf:3: 'retry_schedule' must hold 1 to 32 delays");
+	load_fail(MINIMAL "delivery = { retry_schedule = [ 60, 60, 60, 60, "
+	    "60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, "
+	    "60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60 ]; };",
+	    "'retry_schedule' must hold 1 to 32 delays");
+	load_fail(MINIMAL "delivery = { retry_schedule = ( 60, \"120\" ); };",
+	    "'retry_schedule' entries must be numbers of seconds");
+	load_fail(MINIMAL "delivery = { retry_schedule = [ 2592001 ]; };",
+	    "'retry_schedule' entries must be between 1 and 2592000 seconds");
+	load_fail(MINIMAL "delivery = { retry_schedule = 300; };",
+	    "'retry_schedule' must be a list");
+
+	struct relay_config *cfg = load_ok(MINIMAL
+	    "delivery = { min_retry = 1; retry_schedule = [ 1.4 ]; };");
+	ASSERT_EQ(cfg->delivery.nretry, 1);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[0], 1);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL "delivery = { retry_schedule = [ 60, 60, 60, 60, "
+	    "60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, "
+	    "60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 86400 ]; };");
+	ASSERT_EQ(cfg->delivery.nretry, 32);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[31], 86400);
+	config_unref(cfg);
+}
+
+TEST(delivery_timeouts)
+{
+	load_fail(MINIMAL "delivery = { timeouts = {\n  connect = 0; }; };",
+	    "t.conf:3: 'connect' must be between 0.001 and 3600 seconds");
+	load_fail(MINIMAL "delivery = { timeouts = { dot = 3600.5; }; };",
+	    "'dot' must be between 0.001 and 3600 seconds");
+	load_fail(MINIMAL "delivery = { timeouts = { quit = -1; }; };",
+	    "'quit' must be between");
+	load_fail(MINIMAL "delivery = { timeouts = { rset = \"60\"; }; };",
+	    "'rset' must be a number of seconds");
+	load_fail(MINIMAL "delivery = { timeouts = {\n  command = 60; }; };",
+	    "t.conf:3: unknown setting 'command' in 'delivery.timeouts'");
+	load_fail(MINIMAL "timeouts = { connect = 60; };",
+	    "unknown setting 'connect' in 'timeouts'");
+	load_fail(MINIMAL "delivery = { timeouts = 30; };",
+	    "'timeouts' must be a group");
+}
+
 TEST(syntax_error_line)
 {
 	load_fail("spool_dir = \"/x\";\n\nlimits = { max_errors = ; };\n",
@@ -680,6 +908,17 @@ TEST(example_file_loads)
 	ASSERT_STR_EQ(cfg->dns.servers[1], "[::1]:53");
 	ASSERT_EQ(cfg->dns.timeout_ms, 5000);
 	ASSERT_EQ(cfg->dns.max_mx_ttl_s, 3600);
+	ASSERT(cfg->delivery.enabled);
+	ASSERT_EQ(cfg->delivery.port, 25);
+	ASSERT(!cfg->delivery.has_source);
+	ASSERT(cfg->delivery.helo == NULL);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 20);
+	ASSERT_EQ(cfg->delivery.nretry, 5);
+	ASSERT_EQ(cfg->delivery.retry_schedule_s[4], 4000);
+	ASSERT_EQ(cfg->delivery.max_queue_lifetime_s, 432000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_DOT], 600000);
+	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_QUIT], 60000);
 	config_unref(cfg);
 }
 
@@ -742,6 +981,11 @@ TEST_MAIN("config",
     TEST_ENTRY(dns_group),
     TEST_ENTRY(dns_server_syntax),
     TEST_ENTRY(dns_ranges),
+    TEST_ENTRY(delivery_defaults),
+    TEST_ENTRY(delivery_group),
+    TEST_ENTRY(delivery_errors),
+    TEST_ENTRY(delivery_retry_schedule),
+    TEST_ENTRY(delivery_timeouts),
     TEST_ENTRY(syntax_error_line),
     TEST_ENTRY(file_errors),
     TEST_ENTRY(file_line_numbers_and_include),

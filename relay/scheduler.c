@@ -1,0 +1,984 @@
+/*
+ * scheduler.c - work items, the retry heap, destinations and their caps,
+ * outcomes made durable, bounces.
+ *
+ * Ownership: a struct sched_msg holds the authoritative in-memory
+ * envelope of a message with work left (a copy of the spool's), and is
+ * freed when its last item is done and its last spool update completed.
+ * Every change to a recipient is made to that envelope and then written
+ * with spool_env_update, which serialises updates of one id, so two
+ * destinations finishing at once cannot lose each other's results.
+ *
+ * Caps: sched->active counts sessions (global cap), dest->active per
+ * destination; per MX address a session is counted against the first
+ * address it is given (XXX: a session that falls back to a later MX is
+ * still counted against the first; exact accounting needs a callback from
+ * the session on each connect).
+ *
+ * Time: due times are wall-clock seconds (they are persisted as such);
+ * the timer is armed for the earliest due item.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/queue.h>
+
+#include <uv.h>
+#include <openssl/rand.h>
+
+#include "config/config.h"
+#include "config/log.h"
+#include "config/util.h"
+#include "dns/dns.h"
+#include "queue/envelope.h"
+#include "queue/spool.h"
+#include "tls/tls.h"
+#include "relay/addrmap.h"
+#include "relay/daemon.h"
+#include "relay/dlv_session.h"
+#include "relay/dsn.h"
+#include "relay/verdict.h"
+#include "relay/scheduler.h"
+
+#define SCHED_DEST_BUCKETS	4096
+#define SCHED_MAX_HOSTS		20	/* addresses tried per session */
+
+/* config/ mirrors these enums without including relay/ headers. */
+_Static_assert((int)CFG_PHASE_LAST == (int)DLV_PHASE_LAST, "phase mirror");
+_Static_assert((int)CFG_PHASE_DOT == (int)DLV_PHASE_DOT, "phase mirror");
+_Static_assert((int)CFG_DLV_TLS_REQUIRED == (int)DLV_TLS_REQUIRED, "tls mirror");
+
+struct sched_msg {
+	char id[ENVELOPE_ID_LEN + 1];	/* queue id */
+	struct envelope env;		/* authoritative state */
+	int items;			/* work items still referring to it */
+	int updates;			/* spool updates in flight */
+	struct sched *sched;		/* owner */
+};
+
+struct sched_dest;
+
+struct sched_item {
+	struct sched_msg *msg;		/* the message */
+	struct sched_dest *dest;	/* its destination */
+	size_t *idx;			/* recipients (indexes into msg->env) */
+	size_t n;
+	int64_t due;			/* wall-clock seconds */
+	size_t heap_pos;		/* position in the heap, or SIZE_MAX */
+	TAILQ_ENTRY(sched_item) entry;	/* dest->ready */
+};
+
+struct sched_dest {
+	char domain[256];		/* lower-case destination */
+	TAILQ_HEAD(, sched_item) ready;	/* due items, oldest first */
+	size_t nready;
+	int active;			/* sessions open to it */
+	struct dns_req *dns;		/* lookup in flight */
+	struct dlv_host *hosts;		/* last good answer */
+	size_t nhosts;
+	uint64_t hosts_expire;		/* uv_now() ms */
+	struct sched_dest *hnext;	/* hash chain */
+	struct sched *sched;		/* owner */
+};
+
+/* A session's context: which destination and which MX address it counts. */
+struct sched_conn {
+	struct sched *sched;		/* owner */
+	struct sched_dest *dest;	/* destination */
+	struct sockaddr_storage counted;	/* address charged to the cap */
+	struct sched_item *item;	/* item of the txn in flight */
+	struct dlv_txn txn;		/* the txn handed out */
+	LIST_ENTRY(sched_conn) entry;	/* sched->conns */
+	struct dlv_session *dlv;	/* the session */
+};
+
+struct sched {
+	struct relay *relay;		/* root */
+	uv_loop_t *loop;		/* the loop */
+	struct dns *dns;		/* resolver */
+	SSL_CTX *client_tls;		/* STARTTLS to MX hosts */
+	uv_timer_t timer;		/* earliest due item */
+	struct sched_item **heap;	/* min-heap by due */
+	size_t nheap, capheap;
+	struct sched_dest *dests[SCHED_DEST_BUCKETS];	/* by domain */
+	struct addrmap *hosts;		/* sessions per MX address */
+	LIST_HEAD(, sched_conn) conns;	/* live sessions */
+	int active;			/* live sessions */
+	int updates;			/* spool updates in flight */
+	bool stopping;			/* no new work */
+};
+
+static void sched_on_timer(uv_timer_t *t);
+static void sched_on_timer_closed(uv_handle_t *h);
+static void sched_on_dns(void *arg, const struct dns_mx_result *res);
+static struct dlv_txn *sched_on_next(void *arg, struct dlv_session *s);
+static void sched_on_done(void *arg, struct dlv_session *s,
+    struct dlv_txn *t);
+static void sched_on_closed(void *arg, struct dlv_session *s,
+    unsigned delivered, const struct smtp_reply *last, const char *why);
+static void sched_on_update(void *arg, int status);
+static void sched_on_bounce_commit(void *arg, int status, const char *id);
+static void sched_kick(struct sched_dest *d);
+static void sched_item_due(struct sched *s, struct sched_item *it);
+static void sched_item_fail_all(struct sched_dest *d, bool permanent,
+    const char *enh, const char *text);
+static void sched_msg_add(struct sched *s, const struct envelope *env);
+static void sched_msg_write(struct sched_msg *m);
+static void sched_arm(struct sched *s);
+
+static const struct dlv_ops sched_dlv_ops = {
+	.next = sched_on_next,
+	.done = sched_on_done,
+	.closed = sched_on_closed,
+};
+
+/* --- the heap of waiting items ------------------------------------ */
+
+static void
+heap_swap(struct sched *s, size_t a, size_t b)
+{
+	struct sched_item *t = s->heap[a];
+
+	s->heap[a] = s->heap[b];
+	s->heap[b] = t;
+	s->heap[a]->heap_pos = a;
+	s->heap[b]->heap_pos = b;
+}
+
+static void
+heap_up(struct sched *s, size_t i)
+{
+	while (i > 0 && s->heap[(i - 1) / 2]->due > s->heap[i]->due) {
+		heap_swap(s, i, (i - 1) / 2);
+		i = (i - 1) / 2;
+	}
+}
+
+static void
+heap_down(struct sched *s, size_t i)
+{
+	for (;;) {
+		size_t l = 2 * i + 1, r = l + 1, m = i;
+		if (l < s->nheap && s->heap[l]->due < s->heap[m]->due)
+			m = l;
+		if (r < s->nheap && s->heap[r]->due < s->heap[m]->due)
+			m = r;
+		if (m == i)
+			return;
+		heap_swap(s, i, m);
+		i = m;
+	}
+}
+
+static void
+heap_push(struct sched *s, struct sched_item *it)
+{
+	if (s->nheap == s->capheap) {
+		s->capheap = s->capheap ? s->capheap * 2 : 256;
+		s->heap = xrealloc(s->heap, s->capheap * sizeof *s->heap);
+	}
+	it->heap_pos = s->nheap;
+	s->heap[s->nheap++] = it;
+	heap_up(s, it->heap_pos);
+}
+
+static struct sched_item *
+heap_pop(struct sched *s)
+{
+	struct sched_item *top = s->heap[0];
+
+	heap_swap(s, 0, s->nheap - 1);
+	s->nheap--;
+	if (s->nheap)
+		heap_down(s, 0);
+	top->heap_pos = SIZE_MAX;
+	return top;
+}
+
+/* sched_arm - the timer fires when the earliest item is due */
+static void
+sched_arm(struct sched *s)
+{
+	int64_t now = time_wall();
+	uint64_t ms;
+
+	if (s->nheap == 0 || s->stopping) {
+		uv_timer_stop(&s->timer);
+		return;
+	}
+	ms = s->heap[0]->due > now ? (uint64_t)(s->heap[0]->due - now) * 1000 : 0;
+	uv_timer_start(&s->timer, sched_on_timer, ms, 0);
+}
+
+static void
+sched_on_timer(uv_timer_t *t)
+{
+	struct sched *s = t->data;
+	int64_t now = time_wall();
+
+	while (s->nheap && s->heap[0]->due <= now)
+		sched_item_due(s, heap_pop(s));
+	sched_arm(s);
+}
+
+/* --- destinations ---------------------------------------------------- */
+
+static size_t
+sched_hash(const char *k)
+{
+	uint32_t h = 2166136261u;
+
+	for (; *k; k++)
+		h = (h ^ (uint8_t)*k) * 16777619u;
+	return h % SCHED_DEST_BUCKETS;
+}
+
+/* sched_dest_get - the destination for a domain, created on first use */
+static struct sched_dest *
+sched_dest_get(struct sched *s, const char *domain)
+{
+	size_t h = sched_hash(domain);
+	struct sched_dest *d;
+
+	for (d = s->dests[h]; d; d = d->hnext)
+		if (strcmp(d->domain, domain) == 0)
+			return d;
+	d = xcalloc(1, sizeof *d);
+	str_copy(d->domain, domain, sizeof d->domain);
+	TAILQ_INIT(&d->ready);
+	d->sched = s;
+	d->hnext = s->dests[h];
+	s->dests[h] = d;
+	return d;
+}
+
+/* sched_domain - the lower-cased domain of an address ("" if none) */
+static void
+sched_domain(const char *addr, char *out, size_t outlen)
+{
+	const char *at = strrchr(addr, '@');
+	size_t i;
+
+	if (at == NULL)
+		at = addr - 1;	/* "postmaster": no domain */
+	str_copy(out, at + 1, outlen);
+	for (i = 0; out[i]; i++)
+		if (out[i] >= 'A' && out[i] <= 'Z')
+			out[i] = (char)(out[i] - 'A' + 'a');
+}
+
+/* --- messages and items --------------------------------------------- */
+
+/* sched_item_new - an item for some recipients of m to d */
+static struct sched_item *
+sched_item_new(struct sched_msg *m, struct sched_dest *d, int64_t due)
+{
+	struct sched_item *it = xcalloc(1, sizeof *it);
+
+	it->msg = m;
+	it->dest = d;
+	it->due = due;
+	it->heap_pos = SIZE_MAX;
+	it->idx = xcalloc((size_t)m->sched->relay->cfg->delivery.
+	    max_recipients_per_transaction, sizeof *it->idx);
+	m->items++;
+	return it;
+}
+
+static void
+sched_item_free(struct sched_item *it)
+{
+	struct sched_msg *m = it->msg;
+
+	free(it->idx);
+	free(it);
+	m->items--;
+	if (m->items == 0 && m->updates == 0) {
+		envelope_free(&m->env);
+		free(m);
+	}
+}
+
+/* sched_item_place - into the heap, or the ready queue when due */
+static void
+sched_item_place(struct sched *s, struct sched_item *it)
+{
+	if (it->due <= time_wall() && !s->stopping) {
+		sched_item_due(s, it);
+		return;
+	}
+	heap_push(s, it);
+	if (it->heap_pos == 0)
+		sched_arm(s);
+}
+
+static void
+sched_item_due(struct sched *s, struct sched_item *it)
+{
+	TAILQ_INSERT_TAIL(&it->dest->ready, it, entry);
+	it->dest->nready++;
+	sched_kick(it->dest);
+}
+
+/*
+ * sched_schedule - create items for the pending recipients of m whose
+ * index is in want (NULL = all pending), grouped per domain.
+ */
+static void
+sched_schedule(struct sched *s, struct sched_msg *m)
+{
+	const struct relay_config *cfg = s->relay->cfg;
+	size_t max = (size_t)cfg->delivery.max_recipients_per_transaction;
+	bool *taken = xcalloc(m->env.nrcpts + 1, sizeof *taken);
+
+	for (size_t i = 0; i < m->env.nrcpts; i++) {
+		char dom[256];
+		struct sched_item *it;
+
+		if (taken[i] || m->env.rcpts[i].state != ENV_RCPT_PENDING)
+			continue;
+		sched_domain(m->env.rcpts[i].addr, dom, sizeof dom);
+		it = sched_item_new(m, sched_dest_get(s, dom),
+		    m->env.rcpts[i].next_attempt);
+		for (size_t j = i; j < m->env.nrcpts && it->n < max; j++) {
+			char dj[256];
+			const struct env_rcpt *rc = &m->env.rcpts[j];
+
+			if (taken[j] || rc->state != ENV_RCPT_PENDING)
+				continue;
+			sched_domain(rc->addr, dj, sizeof dj);
+			if (strcmp(dj, dom) != 0)
+				continue;
+			taken[j] = true;
+			it->idx[it->n++] = j;
+			if (rc->next_attempt < it->due)
+				it->due = rc->next_attempt;
+		}
+		sched_item_place(s, it);
+	}
+	free(taken);
+}
+
+/* sched_msg_add - take a committed envelope under the scheduler's care */
+static void
+sched_msg_add(struct sched *s, const struct envelope *env)
+{
+	struct sched_msg *m = xcalloc(1, sizeof *m);
+
+	m->sched = s;
+	envelope_copy(&m->env, env);
+	str_copy(m->id, env->id, sizeof m->id);
+	m->items = 1;		/* hold it while scheduling */
+	sched_schedule(s, m);
+	if (m->items == 1 && envelope_is_done(&m->env))
+		spool_msg_remove(s->relay->spool, m->id);
+	m->items--;
+	if (m->items == 0 && m->updates == 0) {
+		envelope_free(&m->env);
+		free(m);
+	}
+}
+
+void
+sched_msg_queued(struct sched *s, const char *id)
+{
+	const struct envelope *env = spool_find(s->relay->spool, id);
+
+	if (env == NULL) {
+		log_warnx("%s sched queued-unknown", id);
+		return;
+	}
+	sched_msg_add(s, env);
+}
+
+static void
+sched_load_one(void *arg, const struct envelope *env)
+{
+	sched_msg_add(arg, env);
+}
+
+/* --- retries, bounces, durable outcomes ------------------------------ */
+
+/* sched_retry_delay - seconds until the next attempt after n failures */
+static int64_t
+sched_retry_delay(const struct relay_config *cfg, int attempts)
+{
+	size_t i = attempts > 0 ? (size_t)attempts - 1 : 0;
+	double d, j = cfg->delivery.retry_jitter;
+	uint32_t r = 0;
+
+	if (i >= cfg->delivery.nretry)
+		i = cfg->delivery.nretry - 1;
+	d = cfg->delivery.retry_schedule_s[i];
+	RAND_bytes((unsigned char *)&r, sizeof r);
+	d *= 1.0 - j + 2.0 * j * ((double)r / 4294967295.0);
+	if (d < cfg->delivery.min_retry_s)
+		d = cfg->delivery.min_retry_s;
+	return (int64_t)d;
+}
+
+/* sched_reply_text - "550 5.1.1 text" for last_reply and DSNs */
+static void
+sched_reply_text(const struct smtp_reply *r, char *out, size_t outlen)
+{
+	if (r->code)
+		snprintf(out, outlen, "%d%s%s %s", r->code, r->enh[0] ? " " : "",
+		    r->enh, r->text);
+	else
+		snprintf(out, outlen, "%s", r->text);
+}
+
+/* sched_bounce - queue an RFC 3464 report about rcpts of m */
+static void
+sched_bounce(struct sched *s, struct sched_msg *m, struct dsn_rcpt *dr,
+    size_t n, const char *action)
+{
+	struct relay *r = s->relay;
+	struct spool_msg *sm;
+	struct envelope *benv;
+	struct buf out;
+	unsigned needs = 0;
+	int fd = -1, rc;
+	size_t keep = 0;
+
+	for (size_t i = 0; i < n; i++)
+		if (dsn_wanted(&m->env, dr[i].rcpt, action, false))
+			dr[keep++] = dr[i];
+	if (keep == 0)
+		return;
+	buf_init(&out);
+	if (spool_body_open(r->spool, m->id, &fd) < 0)
+		fd = -1;
+	rc = dsn_build(&out, r->cfg->hostname, &m->env, dr, keep, fd,
+	    time_wall(), m->id, &needs);
+	if (fd >= 0)
+		close(fd);
+	if (rc < 0 || (rc = spool_msg_new(r->spool, &sm)) < 0) {
+		log_warnx("%s dsn build-failed error=\"%s\"", m->id,
+		    relay_strerror(rc));
+		buf_free(&out);
+		return;
+	}
+	spool_msg_write(sm, out.data, out.len);
+	buf_free(&out);
+	benv = xcalloc(1, sizeof *benv);
+	envelope_init(benv);
+	benv->sender = xstrdup("");	/* a bounce is never bounced */
+	benv->helo = xstrdup(r->cfg->hostname);
+	benv->client_addr = xstrdup("127.0.0.1");
+	benv->created = time_wall();
+	benv->body = (needs & DSN_NEED_8BITMIME) ? ENV_BODY_8BITMIME :
+	    ENV_BODY_7BIT;
+	benv->smtputf8 = (needs & DSN_NEED_SMTPUTF8) != 0;
+	envelope_add_rcpt(benv, m->env.sender);
+	log_info("%s dsn queued action=%s to=<%s> rcpts=%zu bounce=%s", m->id,
+	    action, m->env.sender, keep, spool_msg_id(sm));
+	s->updates++;
+	spool_msg_commit(sm, benv, sched_on_bounce_commit, s);
+}
+
+static void
+sched_on_bounce_commit(void *arg, int status, const char *id)
+{
+	struct sched *s = arg;
+
+	s->updates--;
+	if (status < 0) {
+		log_warnx("dsn commit-failed error=\"%s\"", relay_strerror(status));
+		return;
+	}
+	if (!s->stopping)
+		sched_msg_queued(s, id);
+	relay_session_gone(s->relay);
+}
+
+/* sched_msg_write - persist m's envelope; remove it when all is final */
+static void
+sched_msg_write(struct sched_msg *m)
+{
+	m->updates++;
+	m->sched->updates++;
+	spool_env_update(m->sched->relay->spool, &m->env, sched_on_update, m);
+}
+
+static void
+sched_on_update(void *arg, int status)
+{
+	struct sched_msg *m = arg;
+	struct sched *s = m->sched;
+
+	m->updates--;
+	s->updates--;
+	if (status < 0)
+		log_warnx("%s sched update-failed error=\"%s\"", m->id,
+		    relay_strerror(status));
+	else if (m->updates == 0 && m->items == 0 && envelope_is_done(&m->env))
+		spool_msg_remove(s->relay->spool, m->id);
+	if (m->items == 0 && m->updates == 0) {
+		envelope_free(&m->env);
+		free(m);
+	}
+	relay_session_gone(s->relay);
+}
+
+/*
+ * sched_outcome - apply one recipient's outcome to the message: final
+ * states, or a retry time; log the delivery line. Returns the new state.
+ */
+static enum env_rcpt_state
+sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
+    enum verdict_action a, const struct smtp_reply *r, const char *host,
+    const char *addr, const char *tls, bool *expired)
+{
+	const struct relay_config *cfg = s->relay->cfg;
+	struct env_rcpt *rc = &m->env.rcpts[ri];
+	int64_t now = time_wall();
+	char text[1100], lv[1200], av[600];
+	const char *status;
+
+	sched_reply_text(r, text, sizeof text);
+	free(rc->last_reply);
+	rc->last_reply = xstrdup(text);
+	rc->updated = now;
+	rc->attempts++;
+	*expired = false;
+	switch (a) {
+	case VERDICT_OK:
+		rc->state = ENV_RCPT_SENT;
+		status = "sent";
+		break;
+	case VERDICT_RCPT_BOUNCE:
+	case VERDICT_MSG_BOUNCE:
+		rc->state = ENV_RCPT_BOUNCED;
+		status = "bounced";
+		break;
+	default:
+		if (now - m->env.created >= cfg->delivery.max_queue_lifetime_s) {
+			rc->state = ENV_RCPT_BOUNCED;
+			*expired = true;
+			status = "expired";
+		} else {
+			rc->next_attempt = now + sched_retry_delay(cfg,
+			    rc->attempts);
+			status = "deferred";
+		}
+	}
+	log_info("%s dlv result rcpt=%s host=%s addr=%s tls=%s status=%s "
+	    "code=%d enh=%s reply=%s delay=%llds attempt=%d", m->id,
+	    log_value(av, sizeof av, rc->addr), host[0] ? host : "-",
+	    addr[0] ? addr : "-", tls[0] ? "yes" : "no", status, r->code,
+	    r->enh[0] ? r->enh : "-", log_value(lv, sizeof lv, r->text),
+	    (long long)(now - m->env.created), rc->attempts);
+	return rc->state;
+}
+
+/*
+ * sched_item_finish - outcomes for every recipient of it are in out:
+ * persist, bounce, reschedule, free the item.
+ */
+static void
+sched_item_finish(struct sched *s, struct sched_item *it,
+    const struct dlv_rcpt_out *out, const char *host, const char *addr,
+    const char *tls)
+{
+	struct sched_msg *m = it->msg;
+	struct dsn_rcpt *dr = xcalloc(it->n, sizeof *dr);
+	char (*diag)[1200] = xcalloc(it->n, sizeof *diag);
+	char remote[300];
+	struct sched_item *again = NULL;
+	size_t nb = 0;
+
+	snprintf(remote, sizeof remote, "dns; %s", host);
+	for (size_t i = 0; i < it->n; i++) {
+		size_t ri = it->idx[i];
+		bool expired;
+		enum env_rcpt_state st = sched_outcome(s, m, ri, out[i].v.action,
+		    &out[i].reply, host, addr, tls, &expired);
+
+		if (st == ENV_RCPT_BOUNCED) {
+			char t[1100];
+			sched_reply_text(&out[i].reply, t, sizeof t);
+			snprintf(diag[nb], sizeof diag[nb], "%s%s",
+			    out[i].reply.code ? "smtp; " : "x-relay; ", t);
+			dr[nb].rcpt = &m->env.rcpts[ri];
+			dr[nb].action = "failed";
+			dr[nb].status = expired ? "4.4.7" :
+			    out[i].reply.enh[0] ? out[i].reply.enh : "5.0.0";
+			dr[nb].remote_mta = host[0] ? remote : NULL;
+			dr[nb].diagnostic = diag[nb];
+			nb++;
+		} else if (st == ENV_RCPT_PENDING) {
+			if (again == NULL)
+				again = sched_item_new(m, it->dest,
+				    m->env.rcpts[ri].next_attempt);
+			again->idx[again->n++] = ri;
+			if (m->env.rcpts[ri].next_attempt < again->due)
+				again->due = m->env.rcpts[ri].next_attempt;
+		}
+	}
+	/* The bounce is queued before the state that caused it is saved:
+	 * a crash in between duplicates a bounce, never loses one. */
+	if (nb)
+		sched_bounce(s, m, dr, nb, "failed");
+	sched_msg_write(m);
+	if (again)
+		sched_item_place(s, again);
+	free(dr);
+	free(diag);
+	sched_item_free(it);
+}
+
+/* sched_item_fail_all - every ready item of d gets the same outcome */
+static void
+sched_item_fail_all(struct sched_dest *d, bool permanent, const char *enh,
+    const char *text)
+{
+	struct sched_item *it;
+	struct smtp_reply r;
+
+	memset(&r, 0, sizeof r);
+	str_copy(r.enh, enh, sizeof r.enh);
+	str_copy(r.text, text, sizeof r.text);
+	while ((it = TAILQ_FIRST(&d->ready)) != NULL) {
+		struct dlv_rcpt_out *out = xcalloc(it->n, sizeof *out);
+
+		TAILQ_REMOVE(&d->ready, it, entry);
+		d->nready--;
+		for (size_t i = 0; i < it->n; i++) {
+			out[i].v.action = permanent ? VERDICT_RCPT_BOUNCE :
+			    VERDICT_RCPT_RETRY;
+			out[i].reply = r;
+		}
+		sched_item_finish(d->sched, it, out, "", "", "");
+		free(out);
+	}
+}
+
+/* --- resolving and starting sessions -------------------------------- */
+
+static void
+sched_on_dns(void *arg, const struct dns_mx_result *res)
+{
+	struct sched_dest *d = arg;
+	struct sched *s = d->sched;
+	char text[600];
+
+	d->dns = NULL;
+	if (res->status < 0) {
+		bool perm = dns_status_permanent(res->status);
+		const char *enh = res->status == DNS_ENULLMX ? "5.1.10" :
+		    perm ? "5.1.2" : "4.4.3";
+
+		snprintf(text, sizeof text, "%s: %s", d->domain,
+		    res->why ? res->why : dns_strerror(res->status));
+		log_info("%s sched dns-failed status=%s why=\"%s\"", d->domain,
+		    dns_strerror(res->status), res->why ? res->why : "");
+		sched_item_fail_all(d, perm, enh, text);
+		return;
+	}
+	free(d->hosts);
+	d->hosts = xcalloc(SCHED_MAX_HOSTS, sizeof *d->hosts);
+	d->nhosts = 0;
+	for (size_t i = 0; i < res->nhosts; i++) {
+		const struct dns_mx_host *h = &res->hosts[i];
+		for (size_t j = 0; j < h->naddrs && d->nhosts < SCHED_MAX_HOSTS;
+		    j++) {
+			struct dlv_host *dh = &d->hosts[d->nhosts++];
+			str_copy(dh->name, h->name, sizeof dh->name);
+			memcpy(&dh->addr, &h->addrs[j], sizeof dh->addr);
+		}
+	}
+	d->hosts_expire = res->expires_ms;
+	if (d->hosts_expire <= uv_now(s->loop))
+		d->hosts_expire = uv_now(s->loop) + 1000;
+	sched_kick(d);
+}
+
+/* sched_is_self - would this address reach one of our own listeners? */
+static bool
+sched_is_self(struct sched *s, const struct sockaddr_storage *a)
+{
+	const struct relay_config *cfg = s->relay->cfg;
+	char text[64];
+
+	if (a->ss_family == AF_INET6)
+		uv_ip6_name((const struct sockaddr_in6 *)a, text, sizeof text);
+	else
+		uv_ip4_name((const struct sockaddr_in *)a, text, sizeof text);
+	for (size_t i = 0; i < cfg->nlisteners; i++)
+		if (cfg->listeners[i].port == cfg->delivery.port &&
+		    strcmp(cfg->listeners[i].address, text) == 0)
+			return true;
+	return false;
+}
+
+/* sched_kick - resolve, fail, or open sessions for d as caps allow */
+static void
+sched_kick(struct sched_dest *d)
+{
+	struct sched *s = d->sched;
+	const struct relay_config *cfg = s->relay->cfg;
+
+	if (d->nready == 0 || s->stopping)
+		return;
+	if (d->domain[0] == '\0') {
+		sched_item_fail_all(d, true, "5.1.3", "recipient has no domain");
+		return;
+	}
+	if (d->hosts == NULL || d->hosts_expire <= uv_now(s->loop)) {
+		if (d->dns == NULL)
+			d->dns = dns_mx_lookup(s->dns, d->domain, sched_on_dns, d);
+		return;
+	}
+	while (d->nready > 0 &&
+	    d->active < cfg->delivery.max_connections_per_domain &&
+	    s->active < cfg->delivery.max_connections) {
+		struct dlv_target t;
+		struct dlv_host hosts[SCHED_MAX_HOSTS];
+		struct sched_conn *sc;
+		size_t nh = 0;
+
+		memset(&t, 0, sizeof t);
+		for (size_t i = 0; i < d->nhosts; i++) {
+			struct addrmap_entry *e;
+			if (sched_is_self(s, &d->hosts[i].addr)) {
+				sched_item_fail_all(d, true, "5.4.6",
+				    "mail for this domain loops back to myself");
+				return;
+			}
+			e = addrmap_get(s->hosts,
+			    (struct sockaddr *)&d->hosts[i].addr, false);
+			if (e && e->count >= cfg->delivery.max_connections_per_host)
+				continue;
+			hosts[nh++] = d->hosts[i];
+		}
+		if (nh == 0)
+			return;	/* every host at its cap: a close kicks us */
+		/* Do not open more sessions than there is work for. */
+		if (d->active > 0 && d->nready <= (size_t)d->active)
+			return;
+		str_copy(t.domain, d->domain, sizeof t.domain);
+		t.hosts = hosts;
+		t.nhosts = nh;
+		t.port = cfg->delivery.port;
+		str_copy(t.helo, cfg->delivery.helo ? cfg->delivery.helo :
+		    cfg->hostname, sizeof t.helo);
+		t.has_source = cfg->delivery.has_source;
+		t.source = cfg->delivery.source;
+		t.tls = (enum dlv_tls)cfg->delivery.tls;
+		t.tls_ctx = s->client_tls;
+		t.max_msgs = cfg->delivery.max_messages_per_connection;
+		for (int p = 0; p < DLV_PHASE_LAST; p++)
+			t.timeout_ms[p] = cfg->delivery.timeout_ms[p];
+		sc = xcalloc(1, sizeof *sc);
+		sc->sched = s;
+		sc->dest = d;
+		sc->counted = hosts[0].addr;
+		addrmap_get(s->hosts, (struct sockaddr *)&sc->counted,
+		    true)->count++;
+		d->active++;
+		s->active++;
+		LIST_INSERT_HEAD(&s->conns, sc, entry);
+		sc->dlv = dlv_session_start(s->loop, relay_next_id(s->relay), &t,
+		    &sched_dlv_ops, sc);
+	}
+}
+
+static struct dlv_txn *
+sched_on_next(void *arg, struct dlv_session *dlv)
+{
+	struct sched_conn *sc = arg;
+	struct sched_dest *d = sc->dest;
+	struct sched_item *it;
+	struct dlv_txn *t = &sc->txn;
+	int rc;
+
+	while ((it = TAILQ_FIRST(&d->ready)) != NULL && !sc->sched->stopping) {
+		TAILQ_REMOVE(&d->ready, it, entry);
+		d->nready--;
+		memset(t, 0, sizeof *t);
+		if ((rc = spool_body_open(sc->sched->relay->spool, it->msg->id,
+		    &t->fd)) < 0) {
+			log_warnx("%s sched body-open error=\"%s\"", it->msg->id,
+			    relay_strerror(rc));
+			struct dlv_rcpt_out *out = xcalloc(it->n, sizeof *out);
+			for (size_t i = 0; i < it->n; i++) {
+				out[i].v.action = VERDICT_RCPT_RETRY;
+				snprintf(out[i].reply.text,
+				    sizeof out[i].reply.text,
+				    "queue file unreadable: %s",
+				    relay_strerror(rc));
+			}
+			sched_item_finish(sc->sched, it, out, "", "", "");
+			free(out);
+			continue;
+		}
+		str_copy(t->id, it->msg->id, sizeof t->id);
+		t->env = &it->msg->env;
+		t->idx = it->idx;
+		t->n = it->n;
+		t->out = xcalloc(it->n, sizeof *t->out);
+		t->size = it->msg->env.size;
+		t->owner = it;
+		sc->item = it;
+		return t;
+	}
+	return NULL;
+}
+
+static void
+sched_on_done(void *arg, struct dlv_session *dlv, struct dlv_txn *t)
+{
+	struct sched_conn *sc = arg;
+	struct sched_item *it = t->owner;
+
+	close(t->fd);
+	sc->item = NULL;
+	sched_item_finish(sc->sched, it, t->out, dlv_session_host(dlv),
+	    dlv_session_addr(dlv), dlv_session_tls(dlv));
+	free(t->out);
+	t->out = NULL;
+}
+
+static void
+sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
+    const struct smtp_reply *last, const char *why)
+{
+	struct sched_conn *sc = arg;
+	struct sched *s = sc->sched;
+	struct sched_dest *d = sc->dest;
+	struct addrmap_entry *e;
+
+	e = addrmap_get(s->hosts, (struct sockaddr *)&sc->counted, false);
+	if (e && --e->count == 0)
+		addrmap_del(s->hosts, e);
+	d->active--;
+	s->active--;
+	LIST_REMOVE(sc, entry);
+	free(sc);
+	/*
+	 * No host could take anything and nobody else is delivering there:
+	 * the destination is down for now; its items wait for their retry
+	 * instead of spinning on connection attempts.
+	 */
+	if (delivered == 0 && d->active == 0 && !s->stopping) {
+		char text[1100];
+		sched_reply_text(last, text, sizeof text);
+		sched_item_fail_all(d, false, last->enh[0] ? last->enh : "4.4.1",
+		    text);
+	}
+	relay_session_gone(s->relay);
+	/* A freed slot may let this or another destination go on. */
+	if (!s->stopping) {
+		sched_kick(d);
+		for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
+			for (struct sched_dest *o = s->dests[b]; o; o = o->hnext)
+				if (o->nready && o != d)
+					sched_kick(o);
+	}
+}
+
+/* --- life cycle -------------------------------------------------------- */
+
+int
+sched_new(struct relay *r, struct sched **out, char *err, size_t errlen)
+{
+	const struct relay_config *cfg = r->cfg;
+	struct sched *s = xcalloc(1, sizeof *s);
+	struct dns_options o;
+	int rc;
+
+	s->relay = r;
+	s->loop = r->loop;
+	s->hosts = addrmap_new();
+	LIST_INIT(&s->conns);
+	memset(&o, 0, sizeof o);
+	o.servers = (const char *const *)cfg->dns.servers;
+	o.nservers = cfg->dns.nservers;
+	o.timeout_ms = cfg->dns.timeout_ms;
+	o.tries = cfg->dns.tries;
+	o.ipv6 = cfg->dns.ipv6;
+	o.max_mx_ttl_s = cfg->dns.max_mx_ttl_s;
+	o.negative_ttl_s = cfg->dns.negative_ttl_s;
+	o.cache_size = (size_t)cfg->dns.cache_size;
+	if ((rc = dns_new(r->loop, &o, &s->dns, err, errlen)) < 0) {
+		addrmap_free(s->hosts);
+		free(s);
+		return rc;
+	}
+	if ((s->client_tls = tls_client_ctx_new(err, errlen)) == NULL) {
+		dns_free(s->dns);
+		addrmap_free(s->hosts);
+		free(s);
+		return RELAY_ETLS;
+	}
+	uv_timer_init(r->loop, &s->timer);
+	s->timer.data = s;
+	*out = s;
+	spool_foreach(r->spool, sched_load_one, s);
+	log_info("sched started waiting=%zu", s->nheap);
+	return 0;
+}
+
+void
+sched_reload(struct sched *s, const struct relay_config *cfg)
+{
+	/* Caps and timeouts are read from relay->cfg when used. */
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
+		for (struct sched_dest *d = s->dests[b]; d; d = d->hnext)
+			sched_kick(d);
+}
+
+void
+sched_stop(struct sched *s)
+{
+	struct sched_conn *sc;
+
+	if (s->stopping)
+		return;
+	s->stopping = true;
+	uv_timer_stop(&s->timer);
+	LIST_FOREACH(sc, &s->conns, entry)
+		dlv_session_abort(sc->dlv);
+}
+
+bool
+sched_busy(const struct sched *s)
+{
+	return s->active > 0 || s->updates > 0;
+}
+
+void
+sched_free(struct sched *s)
+{
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++) {
+		struct sched_dest *d = s->dests[b], *n;
+		for (; d; d = n) {
+			struct sched_item *it;
+			n = d->hnext;
+			if (d->dns)
+				dns_req_cancel(d->dns);
+			while ((it = TAILQ_FIRST(&d->ready)) != NULL) {
+				TAILQ_REMOVE(&d->ready, it, entry);
+				sched_item_free(it);
+			}
+			free(d->hosts);
+			free(d);
+		}
+	}
+	while (s->nheap)
+		sched_item_free(heap_pop(s));
+	free(s->heap);
+	dns_free(s->dns);
+	SSL_CTX_free(s->client_tls);
+	addrmap_free(s->hosts);
+	uv_close((uv_handle_t *)&s->timer, sched_on_timer_closed);
+}
+
+static void
+sched_on_timer_closed(uv_handle_t *h)
+{
+	free(h->data);	/* the timer is the last handle of the sched */
+}
