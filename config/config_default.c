@@ -11,6 +11,9 @@
  *	validator as a real file and cannot drift from the schema; the unit
  *	tests load it.
  *
+ *	Delivery is off: "make run" queues what it is given and sends
+ *	nothing to the internet until a real configuration says so.
+ *
  *	The demo password is "demo-password". Its hash was made with
  *	crypt("demo-password", "$6$relaydemo0123456$"); it is public, so this
  *	configuration must never face a network: both listeners bind
@@ -52,7 +55,12 @@ static const char config_default[] =
 	");\n"
 	"\n"
 	"# Nobody relays without AUTH.\n"
-	"relay_networks = [ ];\n";
+	"relay_networks = [ ];\n"
+	"\n"
+	"# A development box should not send mail to the world by surprise:\n"
+	"# the built-in setup only queues. A real configuration enables\n"
+	"# delivery (the default there) and may name its DNS servers.\n"
+	"delivery = { enabled = false; };\n";
 
 /* config_default_text - the built-in text; static, never freed */
 const char *

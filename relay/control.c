@@ -214,6 +214,12 @@ control_queue_text(void *arg, const struct envelope *env)
 		const struct env_rcpt *rc = &env->rcpts[i];
 		buf_printf(w->out, "%41s<%s>  %s attempts=%d", "", rc->addr,
 		    env_rcpt_state_name(rc->state), rc->attempts);
+		if (rc->state == ENV_RCPT_PENDING && rc->next_attempt >
+		    time_wall()) {
+			char next[32];
+			control_time(rc->next_attempt, next, sizeof next);
+			buf_printf(w->out, "  next=\"%s\"", next);
+		}
 		if (rc->last_reply)
 			buf_printf(w->out, "  last=\"%s\"", rc->last_reply);
 		buf_puts(w->out, "\n");
