@@ -61,6 +61,7 @@
 #define RF_NOTIFY	0x10
 #define RF_ORCPT	0x20
 #define RF_LAST		0x40
+#define RF_WARNED	0x80
 #define RF_REQUIRED	(RF_STATE | RF_ATTEMPTS | RF_NEXT | RF_UPDATED)
 
 /* Parser state shared by the per-line helpers. */
@@ -339,6 +340,8 @@ envelope_format(const struct envelope *env, struct buf *out)
 			buf_puts(out, " orcpt=");
 			xtext_encode(out, r->orcpt);
 		}
+		if (r->warned)
+			buf_puts(out, " warned=1");
 		if (r->last_reply) {
 			buf_puts(out, " last=");
 			xtext_encode(out, r->last_reply);
@@ -516,6 +519,11 @@ env_parse_rcpt(struct env_parser *ps, const char *v, size_t len)
 			    &r->orcpt)) != 0)
 				return rc;
 			bit = RF_ORCPT;
+		} else if (env_is_key(f, flen, "warned")) {
+			if (fvlen != 1 || fv[0] != '1')
+				return env_fail(ps, "bad warned flag");
+			r->warned = true;
+			bit = RF_WARNED;
 		} else if (env_is_key(f, flen, "last")) {
 			if (seen & RF_LAST)
 				return env_fail(ps, "repeated field last");

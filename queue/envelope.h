@@ -62,6 +62,7 @@ struct env_rcpt {
 	int64_t next_attempt;	/* wall-clock seconds; 0 = as soon as possible */
 	int64_t updated;	/* wall-clock seconds of the last state change */
 	char *last_reply;	/* last receiver reply or error text, or NULL */
+	bool warned;		/* a "delayed" DSN was sent for it */
 };
 
 struct envelope {

@@ -430,9 +430,9 @@ sched_reply_text(const struct smtp_reply *r, char *out, size_t outlen)
 		snprintf(out, outlen, "%s", r->text);
 }
 
-/* sched_bounce - queue an RFC 3464 report about rcpts of m */
+/* sched_report - queue an RFC 3464 report (failed/delayed) on rcpts of m */
 static void
-sched_bounce(struct sched *s, struct sched_msg *m, struct dsn_rcpt *dr,
+sched_report(struct sched *s, struct sched_msg *m, struct dsn_rcpt *dr,
     size_t n, const char *action)
 {
 	struct relay *r = s->relay;
@@ -444,7 +444,9 @@ sched_bounce(struct sched *s, struct sched_msg *m, struct dsn_rcpt *dr,
 	size_t keep = 0;
 
 	for (size_t i = 0; i < n; i++)
-		if (dsn_wanted(&m->env, dr[i].rcpt, action, false))
+		/* delay reports exist only because the operator set
+		 * delivery.delay_warning, so NOTIFY unset means "yes" */
+		if (dsn_wanted(&m->env, dr[i].rcpt, action, true))
 			dr[keep++] = dr[i];
 	if (keep == 0)
 		return;
@@ -586,9 +588,13 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 	struct sched_msg *m = it->msg;
 	struct dsn_rcpt *dr = xcalloc(it->n, sizeof *dr);
 	char (*diag)[1200] = xcalloc(it->n, sizeof *diag);
+	char (*ddiag)[1200] = xcalloc(it->n, sizeof *ddiag);
 	char remote[300];
+	struct dsn_rcpt *dd = xcalloc(it->n, sizeof *dd);
 	struct sched_item *again = NULL;
-	size_t nb = 0;
+	const struct relay_config *cfg = s->relay->cfg;
+	int64_t now = time_wall();
+	size_t nb = 0, nd = 0;
 
 	snprintf(remote, sizeof remote, "dns; %s", host);
 	for (size_t i = 0; i < it->n; i++) {
@@ -610,6 +616,25 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 			dr[nb].diagnostic = diag[nb];
 			nb++;
 		} else if (st == ENV_RCPT_PENDING) {
+			struct env_rcpt *rc = &m->env.rcpts[ri];
+
+			if (cfg->delivery.delay_warning_s > 0 && !rc->warned &&
+			    now - m->env.created >= cfg->delivery.delay_warning_s) {
+				/* One "still trying" report per recipient. */
+				rc->warned = true;
+				dd[nd].rcpt = rc;
+				dd[nd].action = "delayed";
+				dd[nd].status = out[i].reply.enh[0] ?
+				    out[i].reply.enh : "4.0.0";
+				dd[nd].remote_mta = host[0] ? remote : NULL;
+				dd[nd].retry_until = m->env.created +
+				    cfg->delivery.max_queue_lifetime_s;
+				snprintf(ddiag[nd], sizeof ddiag[nd], "%s%s",
+				    out[i].reply.code ? "smtp; " : "x-relay; ",
+				    rc->last_reply);
+				dd[nd].diagnostic = ddiag[nd];
+				nd++;
+			}
 			if (again == NULL)
 				again = sched_item_new(m, it->dest,
 				    m->env.rcpts[ri].next_attempt);
@@ -621,11 +646,15 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 	/* The bounce is queued before the state that caused it is saved:
 	 * a crash in between duplicates a bounce, never loses one. */
 	if (nb)
-		sched_bounce(s, m, dr, nb, "failed");
+		sched_report(s, m, dr, nb, "failed");
+	if (nd)
+		sched_report(s, m, dd, nd, "delayed");
 	sched_msg_write(m);
 	if (again)
 		sched_item_place(s, again);
 	free(dr);
+	free(dd);
+	free(ddiag);
 	free(diag);
 	sched_item_free(it);
 }
