@@ -3,7 +3,7 @@
  *	config.c - load, validate and reference-count the relay configuration
  * SUMMARY
  *	config_load(), config_load_string(), config_ref(), config_unref(),
- *	config_net_match(), config_user_find()
+ *	config_net_match(), config_user_find(), config_tls_policy()
  * DESCRIPTION
  *	libconfig only parses; this file owns the schema. Every value is
  *	checked (type, range, syntax) and copied into a struct relay_config,
@@ -16,9 +16,10 @@
  *	same pass and an error names the first bad line. An unknown key is an
  *	error, not a warning: a misspelt limit that is silently ignored is
  *	worse than a daemon that refuses to start. Lists of records (listeners,
- *	users, networks, trace flags, DNS servers, the retry schedule) and the
- *	delivery source address have their own parsers. A group inside a group
- *	(delivery.timeouts) has the scope "outer.inner".
+ *	users, networks, trace flags, DNS servers, the retry schedule, the
+ *	TLS policies) and the delivery source address have their own parsers.
+ *	A group or list inside a group (delivery.timeouts,
+ *	delivery.tls_policies) has the scope "outer.inner".
  *
  *	Error policy: the first problem wins. Its text goes into the caller's
  *	err buffer as "file:line: message" and the function returns
@@ -32,11 +33,13 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <libconfig.h>
@@ -51,6 +54,7 @@
 #define CFG_HOUR_MS	(3600LL * 1000)	/* longest outbound SMTP timeout */
 #define CFG_MAX_QUEUE_MS (30 * CFG_DAY_MS)	/* longest queue lifetime */
 #define CFG_MAX_RETRIES	32	/* retry_schedule entries */
+#define CFG_MAX_TLS_POLICIES 10000	/* tls_policies entries */
 
 /* One load in progress: where messages go and what is being built. */
 struct cfg_parse {
@@ -90,6 +94,7 @@ struct cfg_key {
 #define RC(m)	offsetof(struct relay_config, m)
 #define LS(m)	offsetof(struct cfg_listener, m)
 #define US(m)	offsetof(struct cfg_user, m)
+#define TP(m)	offsetof(struct cfg_tls_policy, m)
 
 static const struct cfg_key cfg_keys[] = {
 	{ NULL, "hostname", CFG_K_STR, 0, 0, RC(hostname) },
@@ -150,6 +155,9 @@ static const struct cfg_key cfg_keys[] = {
 	{ "delivery", "source_address", CFG_K_OTHER, 0, 0, 0 },
 	{ "delivery", "helo", CFG_K_STR0, 0, 0, RC(delivery.helo) },
 	{ "delivery", "tls", CFG_K_DLV_TLS, 0, 0, RC(delivery.tls) },
+	/* Checked readable after the walk, if some policy is "verify". */
+	{ "delivery", "ca_file", CFG_K_STR, 0, 0, RC(delivery.ca_file) },
+	{ "delivery", "tls_policies", CFG_K_OTHER, 0, 0, 0 },
 	{ "delivery", "max_connections", CFG_K_INT, 1, 100000,
 	    RC(delivery.max_connections) },
 	/* The upper bound is max_connections, checked after the walk. */
@@ -200,6 +208,8 @@ static const struct cfg_key cfg_keys[] = {
 	{ "listeners", "auth_required", CFG_K_BOOL, 0, 0, LS(auth_required) },
 	{ "users", "name", CFG_K_STR, 0, 0, US(name) },
 	{ "users", "password_hash", CFG_K_STR, 0, 0, US(hash) },
+	{ "delivery.tls_policies", "domain", CFG_K_STR, 0, 0, TP(domain) },
+	{ "delivery.tls_policies", "tls", CFG_K_DLV_TLS, 0, 0, TP(tls) },
 };
 
 static const char *const cfg_tls_names[] = {
@@ -212,6 +222,7 @@ static const char *const cfg_dlv_tls_names[] = {
 	[CFG_DLV_TLS_NONE] = "none",
 	[CFG_DLV_TLS_OPPORTUNISTIC] = "opportunistic",
 	[CFG_DLV_TLS_REQUIRED] = "required",
+	[CFG_DLV_TLS_VERIFY] = "verify",
 };
 
 /* delivery.retry_schedule default, s: 5th retry ~2 h 22 min in, then 4000. */
@@ -268,6 +279,9 @@ static int cfg_cap(struct cfg_parse *, const config_setting_t *,
 static int cfg_parse_delivery(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_source(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_retry(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_policies(struct cfg_parse *, const config_setting_t *);
+static int cfg_check_ca(struct cfg_parse *, const config_setting_t *,
+    const config_setting_t *);
 
 /* cfg_fail - format "file:line: message" into the caller's buffer */
 static int
@@ -425,6 +439,8 @@ cfg_new(void)
 	cfg->delivery.has_source = false;
 	cfg->delivery.helo = NULL;
 	cfg->delivery.tls = CFG_DLV_TLS_OPPORTUNISTIC;
+	/* Debian's bundle; only opened when some policy is "verify". */
+	cfg->delivery.ca_file = xstrdup("/etc/ssl/certs/ca-certificates.crt");
 	cfg->delivery.max_connections = 200;
 	cfg->delivery.max_connections_per_domain = 20;
 	cfg->delivery.max_connections_per_host = 10;
@@ -475,6 +491,10 @@ cfg_free(struct relay_config *cfg)
 		free(cfg->dns.servers[i]);
 	free(cfg->dns.servers);
 	free(cfg->delivery.helo);
+	free(cfg->delivery.ca_file);
+	for (i = 0; i < cfg->delivery.ntls_policies; i++)
+		free(cfg->delivery.tls_policies[i].domain);
+	free(cfg->delivery.tls_policies);
 	free(cfg->delivery.retry_schedule_s);
 	free(cfg->path);
 	free(cfg->hostname);
@@ -562,6 +582,41 @@ config_user_find(const struct relay_config *cfg, const char *name)
 		if (strcmp(cfg->users[i].name, name) == 0)
 			return &cfg->users[i];
 	return NULL;
+}
+
+/*
+ * config_tls_policy - an exact entry wins; else the subdomain entry with the
+ * longest domain that domain lies strictly below; else delivery.tls
+ */
+int
+config_tls_policy(const struct relay_config *cfg, const char *domain)
+{
+	const struct cfg_tls_policy *best = NULL;
+	size_t i, dlen, plen, blen = 0;
+
+	if (domain == NULL)
+		return cfg->delivery.tls;
+	dlen = strlen(domain);
+	/* A linear scan: few entries, and no allocation per delivery. */
+	for (i = 0; i < cfg->delivery.ntls_policies; i++) {
+		const struct cfg_tls_policy *tp =
+		    &cfg->delivery.tls_policies[i];
+
+		if (!tp->subdomains) {
+			if (str_ieq(tp->domain, domain))
+				return tp->tls;
+			continue;
+		}
+		/* "a.example.org" is below "example.org"; it is not. */
+		plen = strlen(tp->domain);
+		if (dlen > plen + 1 && plen > blen &&
+		    domain[dlen - plen - 1] == '.' &&
+		    str_ieq(domain + dlen - plen, tp->domain)) {
+			best = tp;
+			blen = plen;
+		}
+	}
+	return best != NULL ? best->tls : cfg->delivery.tls;
 }
 
 /* cfg_default_hostname - gethostname(), or "localhost" if it is unusable */
@@ -700,7 +755,7 @@ cfg_apply(struct cfg_parse *p, const config_setting_t *g, const char *scope,
 		    (unsigned int)i);
 		const char *name = config_setting_name(s);
 
-		/* A linear scan: ~75 entries, once per load. */
+		/* A linear scan: ~80 entries, once per load. */
 		for (k = 0; k < ARRAY_SIZE(cfg_keys); k++)
 			if (strcmp(cfg_keys[k].key, name) == 0 &&
 			    (scope == NULL ? cfg_keys[k].scope == NULL :
@@ -843,7 +898,7 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 				return 0;
 			}
 		return cfg_fail(p, s, "'%s' must be one of \"none\", "
-		    "\"opportunistic\" or \"required\"", k->key);
+		    "\"opportunistic\", \"required\" or \"verify\"", k->key);
 	}
 	/* Only a new kind added to the table without a case gets here. */
 	relay_panic("cfg_value: kind %d", (int)k->kind);
@@ -971,6 +1026,10 @@ cfg_parse_delivery(struct cfg_parse *p, const config_setting_t *root)
 				cfg->delivery.retry_schedule_s[i] =
 				    cfg->delivery.min_retry_s;
 	}
+	if ((rc = cfg_seq(p, g, "tls_policies", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_policies(p, s)) < 0) ||
+	    (rc = cfg_check_ca(p, g, s)) < 0)
+		return rc;
 	/* A warning at or after the bounce would never be sent. */
 	if (cfg->delivery.delay_warning_s != 0 &&
 	    cfg->delivery.delay_warning_s >=
@@ -1067,6 +1126,119 @@ cfg_parse_retry(struct cfg_parse *p, const config_setting_t *list)
 			    "must not decrease", i + 1, d[i], d[i - 1]);
 	}
 	return 0;
+}
+
+/*
+ * cfg_parse_policies - delivery.tls_policies: up to CFG_MAX_TLS_POLICIES
+ * { domain, tls } groups, both required. "example.com" is that domain
+ * only, ".example.com" every domain below it; domains are lower-cased and
+ * no two entries may be alike.
+ */
+static int
+cfg_parse_policies(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, j, n = (size_t)config_setting_length(list);
+	int rc;
+
+	if (n > CFG_MAX_TLS_POLICIES)
+		return cfg_fail(p, list, "'tls_policies' may hold at most %d "
+		    "entries", CFG_MAX_TLS_POLICIES);
+	/* Counted up front so cfg_free() copes with a half-filled array. */
+	cfg->delivery.tls_policies = xcalloc(n == 0 ? 1 : n,
+	    sizeof *cfg->delivery.tls_policies);
+	cfg->delivery.ntls_policies = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		struct cfg_tls_policy *tp = &cfg->delivery.tls_policies[i];
+		char *c;
+
+		if (!config_setting_is_group(e))
+			return cfg_fail(p, e, "'tls_policies' entries must be "
+			    "groups { ... }");
+		tp->tls = -1;
+		if ((rc = cfg_apply(p, e, "delivery.tls_policies", tp)) < 0)
+			return rc;
+		if (tp->domain == NULL)
+			return cfg_fail(p, e, "tls policy is missing 'domain'");
+		if (tp->domain[0] == '.') {
+			tp->subdomains = true;
+			memmove(tp->domain, tp->domain + 1,
+			    strlen(tp->domain));
+		}
+		if (!cfg_hostname_valid(tp->domain))
+			return cfg_fail(p, config_setting_get_member(e,
+			    "domain"), "tls policy domain '%s%s' is not a "
+			    "domain name or .domain", tp->subdomains ? "." : "",
+			    tp->domain);
+		/* DNS names compare without case; lookups do too. */
+		for (c = tp->domain; *c != '\0'; c++)
+			if (*c >= 'A' && *c <= 'Z')
+				*c = (char)(*c - 'A' + 'a');
+		if (tp->tls < 0)
+			return cfg_fail(p, e, "tls policy for '%s%s' is missing "
+			    "'tls'", tp->subdomains ? "." : "", tp->domain);
+		/* Alike entries could only mean the later one is a typo. */
+		for (j = 0; j < i; j++)
+			if (cfg->delivery.tls_policies[j].subdomains ==
+			    tp->subdomains &&
+			    strcmp(cfg->delivery.tls_policies[j].domain,
+			    tp->domain) == 0)
+				return cfg_fail(p, e, "tls policy for '%s%s' is "
+				    "defined twice", tp->subdomains ? "." : "",
+				    tp->domain);
+	}
+	return 0;
+}
+
+/*
+ * cfg_check_ca - when delivery.tls or a policy (list, may be NULL) is
+ * "verify", delivery.ca_file must be a readable regular file now, rather
+ * than every verified delivery failing later. The error names ca_file's
+ * line if the file sets it, else the line that asked for "verify".
+ */
+static int
+cfg_check_ca(struct cfg_parse *p, const config_setting_t *g,
+    const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	const config_setting_t *at = NULL, *ca;
+	const char *why = NULL;
+	struct stat st;
+	size_t i;
+	int fd;
+
+	if (cfg->delivery.tls == CFG_DLV_TLS_VERIFY)
+		at = config_setting_get_member(g, "tls");
+	else {
+		for (i = 0; i < cfg->delivery.ntls_policies; i++)
+			if (cfg->delivery.tls_policies[i].tls ==
+			    CFG_DLV_TLS_VERIFY)
+				break;
+		if (i == cfg->delivery.ntls_policies)
+			return 0;
+		at = config_setting_get_member(config_setting_get_elem(list,
+		    (unsigned int)i), "tls");
+	}
+	/* O_NONBLOCK: a FIFO given by mistake must not hang the load. */
+	fd = open(cfg->delivery.ca_file, O_RDONLY | O_NONBLOCK | O_NOCTTY |
+	    O_CLOEXEC);
+	if (fd < 0)
+		why = strerror(errno);
+	else if (fstat(fd, &st) != 0)
+		why = strerror(errno);
+	else if (!S_ISREG(st.st_mode))
+		why = "not a regular file";
+	if (fd >= 0)
+		close(fd);
+	if (why == NULL)
+		return 0;
+	if (g != NULL && (ca = config_setting_get_member(g, "ca_file")) !=
+	    NULL)
+		at = ca;
+	return cfg_fail(p, at, "ca_file '%s' cannot be read (%s); tls "
+	    "\"verify\" needs a CA bundle", cfg->delivery.ca_file, why);
 }
 
 /* cfg_parse_listeners - every element, then no two on one address:port */

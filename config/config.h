@@ -28,6 +28,9 @@ enum cfg_dlv_tls {
 	CFG_DLV_TLS_NONE,		/* never STARTTLS */
 	CFG_DLV_TLS_OPPORTUNISTIC,	/* STARTTLS when offered */
 	CFG_DLV_TLS_REQUIRED,		/* no STARTTLS offered: the host fails */
+	CFG_DLV_TLS_VERIFY,		/* required, and the certificate must
+					   verify against delivery.ca_file and
+					   name the MX host */
 };
 
 /*
@@ -66,6 +69,18 @@ struct cfg_net {
 	int family;		/* AF_INET or AF_INET6 */
 	uint8_t addr[16];	/* network address, host bits cleared */
 	int prefix;		/* prefix length in bits */
+};
+
+/*
+ * One delivery.tls_policies entry: the STARTTLS policy for a destination
+ * domain. domain is lower-case, without the leading dot of ".example.org";
+ * subdomains says it was there (every subdomain of domain, not domain
+ * itself). See config_tls_policy().
+ */
+struct cfg_tls_policy {
+	char *domain;		/* lower-case domain name */
+	bool subdomains;	/* ".domain": match strictly below it */
+	int tls;		/* enum cfg_dlv_tls */
 };
 
 struct relay_config {
@@ -134,6 +149,11 @@ struct relay_config {
 		struct sockaddr_storage source;	/* port 0; if has_source */
 		char *helo;		/* EHLO name; NULL = use hostname */
 		int tls;		/* enum cfg_dlv_tls (= enum dlv_tls) */
+		char *ca_file;		/* PEM CA bundle for tls "verify";
+					   checked readable when one uses it */
+		struct cfg_tls_policy *tls_policies; /* per-domain tls, file
+					   order, no two alike */
+		size_t ntls_policies;	/* 0..10000 */
 		int max_connections;		/* all outbound together */
 		int max_connections_per_domain;	/* per destination domain */
 		int max_connections_per_host;	/* per MX IP address */
@@ -176,5 +196,12 @@ bool config_net_match(const struct relay_config *cfg,
 /* config_user_find - the user entry for a login name, or NULL */
 const struct cfg_user *config_user_find(const struct relay_config *cfg,
     const char *name);
+
+/*
+ * config_tls_policy - the TLS policy for a destination domain: the first
+ * exact entry, else the longest subdomain entry, else delivery.tls.
+ * Compared case-insensitively; a NULL domain gets delivery.tls.
+ */
+int config_tls_policy(const struct relay_config *cfg, const char *domain);
 
 #endif

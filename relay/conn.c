@@ -304,8 +304,13 @@ conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 	if (conn_send_cipher(c) < 0)
 		return;
 	if (rc < 0) {
+		char why[600];
+
 		log_info("%016llx conn tls-error peer=%s error=\"%s\"",
 		    (unsigned long long)c->id, c->peer, err);
+		snprintf(why, sizeof why, "TLS: %s", err);
+		if (c->ops->on_eof)
+			c->ops->on_eof(c, why);
 		conn_close(c, "tls error");
 		return;
 	}

@@ -477,7 +477,7 @@ dlv_on_reply(struct dlv_session *s)
 			dlv_send(s, "STARTTLS");
 			return;
 		}
-		if (!s->tls_active && s->t.tls == DLV_TLS_REQUIRED) {
+		if (!s->tls_active && s->t.tls >= DLV_TLS_REQUIRED) {
 			snprintf(r->text, sizeof r->text,
 			    "TLS required but STARTTLS not offered");
 			r->code = 0;
@@ -488,7 +488,7 @@ dlv_on_reply(struct dlv_session *s)
 	case DLV_ST_HELO:
 		if (v.action != VERDICT_OK)
 			return dlv_fail(s, phase, r, 0);
-		if (s->t.tls == DLV_TLS_REQUIRED) {
+		if (s->t.tls >= DLV_TLS_REQUIRED) {
 			snprintf(r->text, sizeof r->text,
 			    "TLS required but the server has no ESMTP");
 			r->code = 0;
@@ -498,7 +498,7 @@ dlv_on_reply(struct dlv_session *s)
 		return;
 	case DLV_ST_STARTTLS:
 		if (r->code != 220) {
-			if (s->t.tls == DLV_TLS_REQUIRED || r->code == 421 ||
+			if (s->t.tls >= DLV_TLS_REQUIRED || r->code == 421 ||
 			    r->code == 0)
 				return dlv_fail(s, phase, r, 0);
 			dlv_ready(s);	/* opportunistic: go on in clear */
@@ -885,12 +885,20 @@ dlv_on_eof(struct conn *c, const char *why)
 {
 	struct dlv_session *s = conn_owner(c);
 	enum dlv_phase phase = dlv_states[s->state].phase;
+	struct smtp_reply r;
 
 	if (s->state == DLV_ST_QUIT)
 		return;
 	if (s->state == DLV_ST_TXN && s->pexpect < s->nexpect)
 		phase = s->expect[s->pexpect].phase;
-	dlv_fail(s, phase, NULL, UV_EOF);
+	if (strncmp(why, "TLS: ", 5) != 0) {
+		dlv_fail(s, phase, NULL, UV_EOF);
+		return;
+	}
+	/* A failed handshake (e.g. certificate verification): say why. */
+	memset(&r, 0, sizeof r);
+	snprintf(r.text, sizeof r.text, "%s", why);
+	dlv_fail(s, phase, &r, 0);
 }
 
 static void

@@ -28,6 +28,8 @@ enum dlv_tls {
 	DLV_TLS_NONE,		/* never STARTTLS */
 	DLV_TLS_OPPORTUNISTIC,	/* STARTTLS when offered */
 	DLV_TLS_REQUIRED,	/* no STARTTLS offered: the host fails */
+	DLV_TLS_VERIFY,		/* required, and the certificate must verify
+				 * and name the MX host (tls_ctx verifies) */
 };
 
 struct dlv_host {

@@ -49,6 +49,7 @@
 _Static_assert((int)CFG_PHASE_LAST == (int)DLV_PHASE_LAST, "phase mirror");
 _Static_assert((int)CFG_PHASE_DOT == (int)DLV_PHASE_DOT, "phase mirror");
 _Static_assert((int)CFG_DLV_TLS_REQUIRED == (int)DLV_TLS_REQUIRED, "tls mirror");
+_Static_assert((int)CFG_DLV_TLS_VERIFY == (int)DLV_TLS_VERIFY, "tls mirror");
 
 struct sched_msg {
 	char id[ENVELOPE_ID_LEN + 1];	/* queue id */
@@ -99,6 +100,7 @@ struct sched {
 	uv_loop_t *loop;		/* the loop */
 	struct dns *dns;		/* resolver */
 	SSL_CTX *client_tls;		/* STARTTLS to MX hosts */
+	SSL_CTX *verify_tls;		/* the same, verifying (lazily made) */
 	uv_timer_t timer;		/* earliest due item */
 	struct sched_item **heap;	/* min-heap by due */
 	size_t nheap, capheap;
@@ -788,6 +790,21 @@ sched_kick(struct sched_dest *d)
 		/* Do not open more sessions than there is work for. */
 		if (d->active > 0 && d->nready <= (size_t)d->active)
 			return;
+		t.tls = (enum dlv_tls)config_tls_policy(cfg, d->domain);
+		t.tls_ctx = s->client_tls;
+		if (t.tls == DLV_TLS_VERIFY) {
+			char err[600];
+
+			if (s->verify_tls == NULL && (s->verify_tls =
+			    tls_client_verify_ctx_new(cfg->delivery.ca_file, err,
+			    sizeof err)) == NULL) {
+				log_warnx("%s sched tls-setup error=\"%s\"",
+				    d->domain, err);
+				sched_item_fail_all(d, false, "4.7.5", err);
+				return;
+			}
+			t.tls_ctx = s->verify_tls;
+		}
 		str_copy(t.domain, d->domain, sizeof t.domain);
 		t.hosts = hosts;
 		t.nhosts = nh;
@@ -796,8 +813,6 @@ sched_kick(struct sched_dest *d)
 		    cfg->hostname, sizeof t.helo);
 		t.has_source = cfg->delivery.has_source;
 		t.source = cfg->delivery.source;
-		t.tls = (enum dlv_tls)cfg->delivery.tls;
-		t.tls_ctx = s->client_tls;
 		t.max_msgs = cfg->delivery.max_messages_per_connection;
 		for (int p = 0; p < DLV_PHASE_LAST; p++)
 			t.timeout_ms[p] = cfg->delivery.timeout_ms[p];
@@ -954,7 +969,11 @@ sched_new(struct relay *r, struct sched **out, char *err, size_t errlen)
 void
 sched_reload(struct sched *s, const struct relay_config *cfg)
 {
-	/* Caps and timeouts are read from relay->cfg when used. */
+	/* Caps, timeouts and policies are read from relay->cfg when used;
+	 * the verifying context is rebuilt in case ca_file changed (live
+	 * sessions hold their own reference). */
+	SSL_CTX_free(s->verify_tls);
+	s->verify_tls = NULL;
 	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
 		for (struct sched_dest *d = s->dests[b]; d; d = d->hnext)
 			sched_kick(d);
@@ -1002,6 +1021,7 @@ sched_free(struct sched *s)
 	free(s->heap);
 	dns_free(s->dns);
 	SSL_CTX_free(s->client_tls);
+	SSL_CTX_free(s->verify_tls);
 	addrmap_free(s->hosts);
 	uv_close((uv_handle_t *)&s->timer, sched_on_timer_closed);
 }

@@ -131,6 +131,25 @@ tls_client_ctx_new(char *err, size_t errlen)
 	return ctx;
 }
 
+SSL_CTX *
+tls_client_verify_ctx_new(const char *ca_file, char *err, size_t errlen)
+{
+	SSL_CTX *ctx;
+	char why[512];
+
+	if ((ctx = tls_client_ctx_new(err, errlen)) == NULL)
+		return NULL;
+	if (SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
+		tls_error_text(why, sizeof why);
+		snprintf(err, errlen, "%s: cannot load CA bundle: %s", ca_file,
+		    why);
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+	return ctx;
+}
+
 /* mkdir_parents - create every missing directory above path (mode 0700) */
 static int
 mkdir_parents(const char *path)
@@ -255,6 +274,13 @@ tls_pump_init(struct tls_pump *tp, SSL_CTX *ctx, bool server,
 		SSL_set_connect_state(tp->ssl);
 		if (sni)
 			SSL_set_tlsext_host_name(tp->ssl, sni);
+		/* A verifying context also checks the name (RFC 6125). */
+		if (sni && (SSL_CTX_get_verify_mode(ctx) & SSL_VERIFY_PEER) &&
+		    SSL_set1_host(tp->ssl, sni) != 1) {
+			SSL_free(tp->ssl);
+			tp->ssl = NULL;
+			return RELAY_ETLS;
+		}
 	}
 	tp->handshaking = true;
 	return 0;

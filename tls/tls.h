@@ -24,6 +24,14 @@ SSL_CTX *tls_server_ctx_new(const char *cert, const char *key, char *err,
 SSL_CTX *tls_client_ctx_new(char *err, size_t errlen);
 
 /*
+ * tls_client_verify_ctx_new - client context that requires a certificate
+ * chain to ca_file; a pump made from it also checks the peer's name
+ * against the sni given to tls_pump_init.
+ */
+SSL_CTX *tls_client_verify_ctx_new(const char *ca_file, char *err,
+    size_t errlen);
+
+/*
  * tls_selfsigned_create - write a new self-signed P-256 certificate for
  * name (CN and subjectAltName) and its key (mode 0600). Parent directories
  * are created. Returns 0 or -errno/RELAY_ETLS with err set.

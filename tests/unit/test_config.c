@@ -1,7 +1,8 @@
 /*
  * test_config.c - unit tests for config/config.c: defaults, the schema's
  * type/range/unknown-key errors with their line numbers, relay networks,
- * users, reference counting, the example file and the built-in default.
+ * users, delivery TLS policies, reference counting, the example file and
+ * the built-in default.
  *
  * Tests run from the repository root (config/relay.conf.example is read
  * by relative path).
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "config/log.h"
 #include "config/util.h"
@@ -593,6 +595,12 @@ TEST(delivery_defaults)
 	ASSERT(!cfg->delivery.has_source);
 	ASSERT(cfg->delivery.helo == NULL);
 	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_STR_EQ(cfg->delivery.ca_file,
+	    "/etc/ssl/certs/ca-certificates.crt");
+	ASSERT_EQ(cfg->delivery.ntls_policies, 0);
+	ASSERT_EQ(config_tls_policy(cfg, "example.com"),
+	    CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_EQ(config_tls_policy(cfg, NULL), CFG_DLV_TLS_OPPORTUNISTIC);
 	ASSERT_EQ(cfg->delivery.max_connections, 200);
 	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 20);
 	ASSERT_EQ(cfg->delivery.max_connections_per_host, 10);
@@ -697,8 +705,10 @@ TEST(delivery_group)
 TEST(delivery_errors)
 {
 	load_fail(MINIMAL "delivery = {\n  tls = \"starttls\"; };",
-	    "t.conf:3: 'tls' must be one of \"none\", \"opportunistic\" or "
-	    "\"required\"");
+	    "t.conf:3: 'tls' must be one of \"none\", \"opportunistic\", "
+	    "\"required\" or \"verify\"");
+	load_fail(MINIMAL "delivery = { tls = \"Verify\"; };",
+	    "'tls' must be one of");
 	load_fail(MINIMAL "delivery = { tls = 1; };", "'tls' must be one of");
 	load_fail(MINIMAL "delivery = {\n\n"
 	    "  source_address = \"mx.example\"; };",
@@ -743,6 +753,244 @@ TEST(delivery_errors)
 	load_fail(MINIMAL "delivery = {\n  retries = 3; };",
 	    "t.conf:3: unknown setting 'retries' in 'delivery'");
 	load_fail(MINIMAL "delivery = 1;", "'delivery' must be a group");
+}
+
+/* A readable stand-in for a CA bundle: config only checks it opens. */
+static char ca_path[] = "/tmp/test_config_ca.XXXXXX";
+
+static void ca_make(void);
+static void ca_remove(void);
+
+/* ca_make - create ca_path */
+static void
+ca_make(void)
+{
+	int fd = mkstemp(ca_path);
+
+	ASSERT(fd >= 0);
+	ASSERT_EQ(write(fd, "-----BEGIN CERTIFICATE-----\n", 28), 28);
+	close(fd);
+}
+
+/* ca_remove - delete ca_path */
+static void
+ca_remove(void)
+{
+	ASSERT_EQ(unlink(ca_path), 0);
+}
+
+TEST(delivery_tls_policies)
+{
+	char text[1024];
+	struct relay_config *cfg;
+	const struct cfg_tls_policy *tp;
+
+	ca_make();
+	snprintf(text, sizeof text, MINIMAL "delivery = {\n"
+	    "  tls = \"none\"; ca_file = \"%s\";\n"
+	    "  tls_policies = (\n"
+	    "    { domain = \"Example.COM\"; tls = \"verify\"; },\n"
+	    "    { domain = \".example.com\"; tls = \"required\"; },\n"
+	    "    { tls = \"opportunistic\"; domain = \".mail.example.com\"; },\n"
+	    "    { domain = \".org\"; tls = \"none\"; },\n"
+	    "    { domain = \".example.org\"; tls = \"verify\"; },\n"
+	    "    { domain = \"a.example.org\"; tls = \"required\"; }\n"
+	    "  ); };\n", ca_path);
+	cfg = load_ok(text);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_NONE);
+	ASSERT_STR_EQ(cfg->delivery.ca_file, ca_path);
+	ASSERT_EQ(cfg->delivery.ntls_policies, 6);
+	tp = cfg->delivery.tls_policies;
+	/* File order, lower-cased, the leading dot turned into the flag. */
+	ASSERT_STR_EQ(tp[0].domain, "example.com");
+	ASSERT(!tp[0].subdomains);
+	ASSERT_EQ(tp[0].tls, CFG_DLV_TLS_VERIFY);
+	ASSERT_STR_EQ(tp[1].domain, "example.com");
+	ASSERT(tp[1].subdomains);
+	ASSERT_EQ(tp[1].tls, CFG_DLV_TLS_REQUIRED);
+	ASSERT_STR_EQ(tp[2].domain, "mail.example.com");
+	ASSERT(tp[2].subdomains);
+	ASSERT_EQ(tp[2].tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_STR_EQ(tp[3].domain, "org");
+	ASSERT_EQ(tp[5].tls, CFG_DLV_TLS_REQUIRED);
+
+	/* Exact: the domain itself, in any case, but not its parent. */
+	ASSERT_EQ(config_tls_policy(cfg, "example.com"), CFG_DLV_TLS_VERIFY);
+	ASSERT_EQ(config_tls_policy(cfg, "EXAMPLE.com"), CFG_DLV_TLS_VERIFY);
+	/* Subdomain: strictly below, at any depth. */
+	ASSERT_EQ(config_tls_policy(cfg, "mx.example.com"),
+	    CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(config_tls_policy(cfg, "a.b.Example.Com"),
+	    CFG_DLV_TLS_REQUIRED);
+	/* Longest subdomain entry wins, whatever the file order. */
+	ASSERT_EQ(config_tls_policy(cfg, "x.mail.example.com"),
+	    CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_EQ(config_tls_policy(cfg, "mail.example.com"),
+	    CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(config_tls_policy(cfg, "b.example.org"), CFG_DLV_TLS_VERIFY);
+	ASSERT_EQ(config_tls_policy(cfg, "example.org"), CFG_DLV_TLS_NONE);
+	/* Exact beats a longer-matching subdomain entry. */
+	ASSERT_EQ(config_tls_policy(cfg, "a.example.org"),
+	    CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(config_tls_policy(cfg, "x.a.example.org"),
+	    CFG_DLV_TLS_VERIFY);
+	/* Label boundaries: "badexample.com" is not below "example.com". */
+	ASSERT_EQ(config_tls_policy(cfg, "badexample.com"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, "example.net"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, "com"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, ""), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, NULL), CFG_DLV_TLS_NONE);
+	config_unref(cfg);
+
+	/* No match falls back to delivery.tls, whatever it is. */
+	snprintf(text, sizeof text, MINIMAL "delivery = { tls = \"verify\";\n"
+	    "  ca_file = \"%s\";\n"
+	    "  tls_policies = ( { domain = \"lab.example\"; tls = \"none\"; } );"
+	    " };\n", ca_path);
+	cfg = load_ok(text);
+	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_VERIFY);
+	ASSERT_EQ(config_tls_policy(cfg, "lab.example"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, "mx.lab.example"),
+	    CFG_DLV_TLS_VERIFY);
+	config_unref(cfg);
+
+	/* An empty list and an array [ ] are fine. */
+	cfg = load_ok(MINIMAL "delivery = { tls_policies = ( ); };");
+	ASSERT_EQ(cfg->delivery.ntls_policies, 0);
+	ASSERT_EQ(config_tls_policy(cfg, "example.com"),
+	    CFG_DLV_TLS_OPPORTUNISTIC);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL "delivery = { tls_policies = [ ]; };");
+	ASSERT_EQ(cfg->delivery.ntls_policies, 0);
+	config_unref(cfg);
+	ca_remove();
+}
+
+TEST(delivery_tls_policy_errors)
+{
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"example.com\";\n    tls = \"strict\"; } ); };",
+	    "t.conf:4: 'tls' must be one of \"none\", \"opportunistic\", "
+	    "\"required\" or \"verify\"");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"example.com\"; tls = 2; } ); };",
+	    "t.conf:3: 'tls' must be one of");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"example.com\";\n    tls = \"none\";\n"
+	    "    port = 25; } ); };",
+	    "t.conf:5: unknown setting 'port' in 'delivery.tls_policies'");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"example.com\"; tls = \"none\"; },\n"
+	    "  { domain = \"example.org\"; tls = \"none\"; },\n"
+	    "  { domain = \"Example.Com\"; tls = \"required\"; } ); };",
+	    "t.conf:5: tls policy for 'example.com' is defined twice");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \".example.com\"; tls = \"none\"; },\n"
+	    "  { domain = \".EXAMPLE.com\"; tls = \"none\"; } ); };",
+	    "t.conf:4: tls policy for '.example.com' is defined twice");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { tls = \"none\"; } ); };",
+	    "t.conf:3: tls policy is missing 'domain'");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \".example.com\"; } ); };",
+	    "t.conf:3: tls policy for '.example.com' is missing 'tls'");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"\"; tls = \"none\"; } ); };",
+	    "t.conf:3: 'domain' must not be empty");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { tls = \"none\";\n    domain = \".\"; } ); };",
+	    "t.conf:4: tls policy domain '.' is not a domain name or .domain");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"..example.com\"; tls = \"none\"; } ); };",
+	    "tls policy domain '..example.com' is not a domain name");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"example.com.\"; tls = \"none\"; } ); };",
+	    "tls policy domain 'example.com.' is not a domain name");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = \"*.example.com\"; tls = \"none\"; } ); };",
+	    "tls policy domain '*.example.com' is not a domain name");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  { domain = 1; tls = \"none\"; } ); };",
+	    "t.conf:3: 'domain' must be a string");
+	load_fail(MINIMAL "delivery = { tls_policies = (\n"
+	    "  \"example.com\" ); };",
+	    "t.conf:3: 'tls_policies' entries must be groups { ... }");
+	load_fail(MINIMAL "delivery = {\n  tls_policies = \"example.com\"; };",
+	    "t.conf:3: 'tls_policies' must be a list");
+	/* Policies are per delivery, not a top-level or listener key. */
+	load_fail(MINIMAL "tls_policies = ( );",
+	    "unknown setting 'tls_policies'");
+	load_fail(MINIMAL "delivery = {\n  ca_file = \"\"; };",
+	    "t.conf:3: 'ca_file' must not be empty");
+	load_fail(MINIMAL "delivery = { ca_file = 0; };",
+	    "'ca_file' must be a string");
+}
+
+TEST(delivery_tls_policies_limit)
+{
+	struct relay_config *cfg;
+	struct buf b;
+	int i;
+
+	/* 10000 entries load (and the duplicate check stays quick)... */
+	buf_init(&b);
+	buf_puts(&b, MINIMAL "delivery = { tls_policies = (\n");
+	for (i = 0; i < 10000; i++)
+		buf_printf(&b, "%s{ domain = \"d%d.example\"; tls = \"%s\"; }\n",
+		    i == 0 ? "" : ",", i, i % 2 ? "none" : "required");
+	buf_puts(&b, "); };\n");
+	cfg = load_ok(b.data);
+	ASSERT_EQ(cfg->delivery.ntls_policies, 10000);
+	ASSERT_EQ(config_tls_policy(cfg, "d9999.example"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, "d0.example"), CFG_DLV_TLS_REQUIRED);
+	config_unref(cfg);
+
+	/* ... 10001 do not; the error names the list's line. */
+	b.len -= strlen("); };\n");
+	buf_puts(&b, ",{ domain = \"one.more\"; tls = \"none\"; }); };\n");
+	load_fail(b.data, "t.conf:2: 'tls_policies' may hold at most 10000 "
+	    "entries");
+	buf_free(&b);
+}
+
+TEST(delivery_ca_file)
+{
+	char text[1024];
+	struct relay_config *cfg;
+
+	/* Not needed without "verify": a missing file is no error. */
+	cfg = load_ok(MINIMAL "delivery = { ca_file = \"/nonexistent/ca.pem\";"
+	    "\n  tls = \"required\";\n"
+	    "  tls_policies = ( { domain = \"a.example\"; tls = \"none\"; } );"
+	    " };");
+	ASSERT_STR_EQ(cfg->delivery.ca_file, "/nonexistent/ca.pem");
+	config_unref(cfg);
+
+	/* A verify policy with a missing file names ca_file's line... */
+	load_fail(MINIMAL "delivery = {\n"
+	    "  ca_file = \"/nonexistent/ca.pem\";\n"
+	    "  tls_policies = (\n"
+	    "    { domain = \"a.example\"; tls = \"none\"; },\n"
+	    "    { domain = \"b.example\"; tls = \"verify\"; } ); };",
+	    "t.conf:3: ca_file '/nonexistent/ca.pem' cannot be read (No such "
+	    "file or directory); tls \"verify\" needs a CA bundle");
+	/* ... wherever it stands, and so does delivery.tls = "verify". */
+	load_fail(MINIMAL "delivery = {\n  tls = \"verify\";\n\n"
+	    "  ca_file = \"/nonexistent/ca.pem\"; };",
+	    "t.conf:5: ca_file '/nonexistent/ca.pem' cannot be read (No such "
+	    "file or directory)");
+	load_fail(MINIMAL "delivery = { tls = \"verify\";\n"
+	    "  ca_file = \"config\"; };",
+	    "t.conf:3: ca_file 'config' cannot be read (not a regular file)");
+
+	ca_make();
+	snprintf(text, sizeof text, MINIMAL "delivery = {\n"
+	    "  tls_policies = ( { domain = \"b.example\"; tls = \"verify\"; }"
+	    " );\n  ca_file = \"%s\"; };", ca_path);
+	cfg = load_ok(text);
+	ASSERT_EQ(config_tls_policy(cfg, "b.example"), CFG_DLV_TLS_VERIFY);
+	config_unref(cfg);
+	ca_remove();
 }
 
 TEST(delivery_retry_schedule)
@@ -913,6 +1161,13 @@ TEST(example_file_loads)
 	ASSERT(!cfg->delivery.has_source);
 	ASSERT(cfg->delivery.helo == NULL);
 	ASSERT_EQ(cfg->delivery.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	ASSERT_STR_EQ(cfg->delivery.ca_file,
+	    "/etc/ssl/certs/ca-certificates.crt");
+	ASSERT_EQ(cfg->delivery.ntls_policies, 2);
+	ASSERT_EQ(config_tls_policy(cfg, "example.com"), CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(config_tls_policy(cfg, "mx.example.org"), CFG_DLV_TLS_NONE);
+	ASSERT_EQ(config_tls_policy(cfg, "example.org"),
+	    CFG_DLV_TLS_OPPORTUNISTIC);
 	ASSERT_EQ(cfg->delivery.max_connections_per_domain, 20);
 	ASSERT_EQ(cfg->delivery.nretry, 5);
 	ASSERT_EQ(cfg->delivery.retry_schedule_s[4], 4000);
@@ -984,6 +1239,10 @@ TEST_MAIN("config",
     TEST_ENTRY(delivery_defaults),
     TEST_ENTRY(delivery_group),
     TEST_ENTRY(delivery_errors),
+    TEST_ENTRY(delivery_tls_policies),
+    TEST_ENTRY(delivery_tls_policy_errors),
+    TEST_ENTRY(delivery_tls_policies_limit),
+    TEST_ENTRY(delivery_ca_file),
     TEST_ENTRY(delivery_retry_schedule),
     TEST_ENTRY(delivery_timeouts),
     TEST_ENTRY(syntax_error_line),
