@@ -249,6 +249,9 @@ dlv_try_host(struct dlv_session *s)
 	int rc;
 
 	for (; s->host < s->t.nhosts; s->host++) {
+		if (s->ops->connecting && !s->ops->connecting(s->arg, s,
+		    &s->t.hosts[s->host].addr))
+			continue;	/* that address is at its cap */
 		dst = s->t.hosts[s->host].addr;
 		if (dst.ss_family == AF_INET6)
 			((struct sockaddr_in6 *)&dst)->sin6_port =

@@ -71,6 +71,12 @@ struct dlv_txn {
 struct dlv_session;
 
 struct dlv_ops {
+	/*
+	 * connecting - about to connect to addr; false skips that host (it
+	 * is at its connection cap). The owner accounts per address here.
+	 */
+	bool (*connecting)(void *arg, struct dlv_session *s,
+	    const struct sockaddr_storage *addr);
 	/* next - the next transaction for this connection, or NULL */
 	struct dlv_txn *(*next)(void *arg, struct dlv_session *s);
 	/* done - outcomes are filled in; the session forgets t */

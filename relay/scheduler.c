@@ -10,10 +10,9 @@
  * destinations finishing at once cannot lose each other's results.
  *
  * Caps: sched->active counts sessions (global cap), dest->active per
- * destination; per MX address a session is counted against the first
- * address it is given (XXX: a session that falls back to a later MX is
- * still counted against the first; exact accounting needs a callback from
- * the session on each connect).
+ * destination; per MX address a session is charged to the address it is
+ * connecting to (the session asks before every connect, so a fallback to
+ * a later MX moves the charge, and an address at its cap is skipped).
  *
  * Time: due times are wall-clock seconds (they are persisted as such);
  * the timer is armed for the earliest due item.
@@ -82,6 +81,8 @@ struct sched_dest {
 	uint64_t hosts_expire;		/* uv_now() ms */
 	struct sched_dest *hnext;	/* hash chain */
 	struct sched *sched;		/* owner */
+	bool starved;			/* on sched->starved */
+	TAILQ_ENTRY(sched_dest) starve;	/* waiting for a global slot */
 };
 
 /* A session's context: which destination and which MX address it counts. */
@@ -89,6 +90,8 @@ struct sched_conn {
 	struct sched *sched;		/* owner */
 	struct sched_dest *dest;	/* destination */
 	struct sockaddr_storage counted;	/* address charged to the cap */
+	bool charged;			/* counted is charged */
+	bool tried;			/* some host was allowed a connect */
 	struct sched_item *item;	/* item of the txn in flight */
 	struct dlv_txn txn;		/* the txn handed out */
 	LIST_ENTRY(sched_conn) entry;	/* sched->conns */
@@ -107,6 +110,7 @@ struct sched {
 	struct sched_dest *dests[SCHED_DEST_BUCKETS];	/* by domain */
 	struct addrmap *hosts;		/* sessions per MX address */
 	LIST_HEAD(, sched_conn) conns;	/* live sessions */
+	TAILQ_HEAD(, sched_dest) starved;	/* ready work, no global slot */
 	int active;			/* live sessions */
 	int updates;			/* spool updates in flight */
 	bool stopping;			/* no new work */
@@ -116,6 +120,8 @@ static void sched_on_timer(uv_timer_t *t);
 static void sched_on_timer_closed(uv_handle_t *h);
 static void sched_on_dns(void *arg, const struct dns_mx_result *res);
 static struct dlv_txn *sched_on_next(void *arg, struct dlv_session *s);
+static bool sched_on_connecting(void *arg, struct dlv_session *s,
+    const struct sockaddr_storage *addr);
 static void sched_on_done(void *arg, struct dlv_session *s,
     struct dlv_txn *t);
 static void sched_on_closed(void *arg, struct dlv_session *s,
@@ -131,6 +137,7 @@ static void sched_msg_write(struct sched_msg *m);
 static void sched_arm(struct sched *s);
 
 static const struct dlv_ops sched_dlv_ops = {
+	.connecting = sched_on_connecting,
 	.next = sched_on_next,
 	.done = sched_on_done,
 	.closed = sched_on_closed,
@@ -273,9 +280,10 @@ sched_domain(const char *addr, char *out, size_t outlen)
 
 /* --- messages and items --------------------------------------------- */
 
-/* sched_item_new - an item for some recipients of m to d */
+/* sched_item_new - an item for up to cap recipients of m to d */
 static struct sched_item *
-sched_item_new(struct sched_msg *m, struct sched_dest *d, int64_t due)
+sched_item_new(struct sched_msg *m, struct sched_dest *d, int64_t due,
+    size_t cap)
 {
 	struct sched_item *it = xcalloc(1, sizeof *it);
 
@@ -283,8 +291,8 @@ sched_item_new(struct sched_msg *m, struct sched_dest *d, int64_t due)
 	it->dest = d;
 	it->due = due;
 	it->heap_pos = SIZE_MAX;
-	it->idx = xcalloc((size_t)m->sched->relay->cfg->delivery.
-	    max_recipients_per_transaction, sizeof *it->idx);
+	/* Exact size: a million one-recipient items must stay small. */
+	it->idx = xcalloc(cap, sizeof *it->idx);
 	m->items++;
 	return it;
 }
@@ -342,9 +350,19 @@ sched_schedule(struct sched *s, struct sched_msg *m)
 		if (taken[i] || m->env.rcpts[i].state != ENV_RCPT_PENDING)
 			continue;
 		sched_domain(m->env.rcpts[i].addr, dom, sizeof dom);
+		size_t want = 0;
+		for (size_t j = i; j < m->env.nrcpts && want < max; j++) {
+			char dj[256];
+
+			if (taken[j] || m->env.rcpts[j].state != ENV_RCPT_PENDING)
+				continue;
+			sched_domain(m->env.rcpts[j].addr, dj, sizeof dj);
+			if (strcmp(dj, dom) == 0)
+				want++;
+		}
 		it = sched_item_new(m, sched_dest_get(s, dom),
-		    m->env.rcpts[i].next_attempt);
-		for (size_t j = i; j < m->env.nrcpts && it->n < max; j++) {
+		    m->env.rcpts[i].next_attempt, want);
+		for (size_t j = i; j < m->env.nrcpts && it->n < want; j++) {
 			char dj[256];
 			const struct env_rcpt *rc = &m->env.rcpts[j];
 
@@ -639,7 +657,7 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 			}
 			if (again == NULL)
 				again = sched_item_new(m, it->dest,
-				    m->env.rcpts[ri].next_attempt);
+				    m->env.rcpts[ri].next_attempt, it->n);
 			again->idx[again->n++] = ri;
 			if (m->env.rcpts[ri].next_attempt < again->due)
 				again->due = m->env.rcpts[ri].next_attempt;
@@ -764,8 +782,15 @@ sched_kick(struct sched_dest *d)
 		return;
 	}
 	while (d->nready > 0 &&
-	    d->active < cfg->delivery.max_connections_per_domain &&
-	    s->active < cfg->delivery.max_connections) {
+	    d->active < cfg->delivery.max_connections_per_domain) {
+		if (s->active >= cfg->delivery.max_connections) {
+			/* The global cap: wait for any session to end. */
+			if (!d->starved) {
+				d->starved = true;
+				TAILQ_INSERT_TAIL(&s->starved, d, starve);
+			}
+			return;
+		}
 		struct dlv_target t;
 		struct dlv_host hosts[SCHED_MAX_HOSTS];
 		struct sched_conn *sc;
@@ -819,15 +844,49 @@ sched_kick(struct sched_dest *d)
 		sc = xcalloc(1, sizeof *sc);
 		sc->sched = s;
 		sc->dest = d;
-		sc->counted = hosts[0].addr;
-		addrmap_get(s->hosts, (struct sockaddr *)&sc->counted,
-		    true)->count++;
 		d->active++;
 		s->active++;
 		LIST_INSERT_HEAD(&s->conns, sc, entry);
 		sc->dlv = dlv_session_start(s->loop, relay_next_id(s->relay), &t,
 		    &sched_dlv_ops, sc);
 	}
+}
+
+/* sched_uncharge - release the session's per-address slot */
+static void
+sched_uncharge(struct sched_conn *sc)
+{
+	struct addrmap_entry *e;
+
+	if (!sc->charged)
+		return;
+	e = addrmap_get(sc->sched->hosts, (struct sockaddr *)&sc->counted,
+	    false);
+	if (e && --e->count == 0)
+		addrmap_del(sc->sched->hosts, e);
+	sc->charged = false;
+}
+
+static bool
+sched_on_connecting(void *arg, struct dlv_session *dlv,
+    const struct sockaddr_storage *addr)
+{
+	struct sched_conn *sc = arg;
+	struct sched *s = sc->sched;
+	struct addrmap_entry *e;
+
+	sched_uncharge(sc);
+	e = addrmap_get(s->hosts, (const struct sockaddr *)addr, true);
+	if (e->count >= s->relay->cfg->delivery.max_connections_per_host) {
+		if (e->count == 0)
+			addrmap_del(s->hosts, e);
+		return false;
+	}
+	e->count++;
+	sc->counted = *addr;
+	sc->charged = true;
+	sc->tried = true;
+	return true;
 }
 
 static struct dlv_txn *
@@ -893,11 +952,9 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	struct sched_conn *sc = arg;
 	struct sched *s = sc->sched;
 	struct sched_dest *d = sc->dest;
-	struct addrmap_entry *e;
+	bool tried = sc->tried;
 
-	e = addrmap_get(s->hosts, (struct sockaddr *)&sc->counted, false);
-	if (e && --e->count == 0)
-		addrmap_del(s->hosts, e);
+	sched_uncharge(sc);
 	d->active--;
 	s->active--;
 	LIST_REMOVE(sc, entry);
@@ -907,20 +964,25 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	 * the destination is down for now; its items wait for their retry
 	 * instead of spinning on connection attempts.
 	 */
-	if (delivered == 0 && d->active == 0 && !s->stopping) {
+	if (delivered == 0 && tried && d->active == 0 && !s->stopping) {
 		char text[1100];
 		sched_reply_text(last, text, sizeof text);
 		sched_item_fail_all(d, false, last->enh[0] ? last->enh : "4.4.1",
 		    text);
 	}
 	relay_session_gone(s->relay);
-	/* A freed slot may let this or another destination go on. */
+	/* A freed slot lets this destination, or one that waited for a
+	 * global slot, go on (oldest waiter first). */
 	if (!s->stopping) {
+		struct sched_dest *o;
+
 		sched_kick(d);
-		for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
-			for (struct sched_dest *o = s->dests[b]; o; o = o->hnext)
-				if (o->nready && o != d)
-					sched_kick(o);
+		while ((o = TAILQ_FIRST(&s->starved)) != NULL &&
+		    s->active < s->relay->cfg->delivery.max_connections) {
+			TAILQ_REMOVE(&s->starved, o, starve);
+			o->starved = false;
+			sched_kick(o);
+		}
 	}
 }
 
@@ -938,6 +1000,7 @@ sched_new(struct relay *r, struct sched **out, char *err, size_t errlen)
 	s->loop = r->loop;
 	s->hosts = addrmap_new();
 	LIST_INIT(&s->conns);
+	TAILQ_INIT(&s->starved);
 	memset(&o, 0, sizeof o);
 	o.servers = (const char *const *)cfg->dns.servers;
 	o.nservers = cfg->dns.nservers;
