@@ -43,6 +43,8 @@
 
 #define SCHED_DEST_BUCKETS	4096
 #define SCHED_MAX_HOSTS		20	/* addresses tried per session */
+#define SCHED_HOLD_BASE_MS	500	/* first hold after a failed session */
+#define SCHED_HOLD_MAX_MS	60000	/* longest hold */
 
 /* config/ mirrors these enums without including relay/ headers. */
 _Static_assert((int)CFG_PHASE_LAST == (int)DLV_PHASE_LAST, "phase mirror");
@@ -83,6 +85,18 @@ struct sched_dest {
 	struct sched *sched;		/* owner */
 	bool starved;			/* on sched->starved */
 	TAILQ_ENTRY(sched_dest) starve;	/* waiting for a global slot */
+	/*
+	 * Negative feedback (Postfix qmgr's idea, before issue 4's site
+	 * controller): a session that could not deliver anything lowers the
+	 * destination's concurrency to what is working and holds new
+	 * sessions back for a time that doubles with consecutive failures;
+	 * a session that delivered raises it by one.
+	 */
+	int conn_limit;			/* sessions allowed now (<= cap) */
+	int fail_streak;		/* sessions in a row that failed */
+	uint64_t hold_until;		/* uv_now() ms: no new session before */
+	bool held;			/* on sched->held */
+	TAILQ_ENTRY(sched_dest) hold;	/* waiting for hold_until */
 };
 
 /* A session's context: which destination and which MX address it counts. */
@@ -111,6 +125,9 @@ struct sched {
 	struct addrmap *hosts;		/* sessions per MX address */
 	LIST_HEAD(, sched_conn) conns;	/* live sessions */
 	TAILQ_HEAD(, sched_dest) starved;	/* ready work, no global slot */
+	TAILQ_HEAD(, sched_dest) held;	/* destinations holding back */
+	uv_timer_t hold_timer;		/* wakes the earliest held one */
+	int pending_closes;		/* handles still closing in sched_free */
 	int active;			/* live sessions */
 	int updates;			/* spool updates in flight */
 	bool stopping;			/* no new work */
@@ -135,6 +152,8 @@ static void sched_item_fail_all(struct sched_dest *d, bool permanent,
 static void sched_msg_add(struct sched *s, const struct envelope *env);
 static void sched_msg_write(struct sched_msg *m);
 static void sched_arm(struct sched *s);
+static void sched_hold(struct sched *s, struct sched_dest *d);
+static void sched_on_hold_timer(uv_timer_t *t);
 
 static const struct dlv_ops sched_dlv_ops = {
 	.connecting = sched_on_connecting,
@@ -255,6 +274,7 @@ sched_dest_get(struct sched *s, const char *domain)
 		if (strcmp(d->domain, domain) == 0)
 			return d;
 	d = xcalloc(1, sizeof *d);
+	d->conn_limit = s->relay->cfg->delivery.max_connections_per_domain;
 	str_copy(d->domain, domain, sizeof d->domain);
 	TAILQ_INIT(&d->ready);
 	d->sched = s;
@@ -763,6 +783,52 @@ sched_is_self(struct sched *s, const struct sockaddr_storage *a)
 	return false;
 }
 
+/* sched_hold_arm - the hold timer fires for the earliest held dest */
+static void
+sched_hold_arm(struct sched *s)
+{
+	struct sched_dest *d;
+	uint64_t now = uv_now(s->loop), first = UINT64_MAX;
+
+	TAILQ_FOREACH(d, &s->held, hold)
+		if (d->hold_until < first)
+			first = d->hold_until;
+	if (first == UINT64_MAX || s->stopping)
+		uv_timer_stop(&s->hold_timer);
+	else
+		uv_timer_start(&s->hold_timer, sched_on_hold_timer,
+		    first > now ? first - now : 0, 0);
+}
+
+/* sched_hold - d may not open sessions before hold_until */
+static void
+sched_hold(struct sched *s, struct sched_dest *d)
+{
+	if (!d->held) {
+		d->held = true;
+		TAILQ_INSERT_TAIL(&s->held, d, hold);
+	}
+	sched_hold_arm(s);
+}
+
+static void
+sched_on_hold_timer(uv_timer_t *t)
+{
+	struct sched *s = t->data;
+	struct sched_dest *d, *n;
+	uint64_t now = uv_now(s->loop);
+
+	for (d = TAILQ_FIRST(&s->held); d; d = n) {
+		n = TAILQ_NEXT(d, hold);
+		if (d->hold_until > now)
+			continue;
+		TAILQ_REMOVE(&s->held, d, hold);
+		d->held = false;
+		sched_kick(d);
+	}
+	sched_hold_arm(s);
+}
+
 /* sched_kick - resolve, fail, or open sessions for d as caps allow */
 static void
 sched_kick(struct sched_dest *d)
@@ -781,8 +847,13 @@ sched_kick(struct sched_dest *d)
 			d->dns = dns_mx_lookup(s->dns, d->domain, sched_on_dns, d);
 		return;
 	}
-	while (d->nready > 0 &&
-	    d->active < cfg->delivery.max_connections_per_domain) {
+	if (d->hold_until > uv_now(s->loop)) {
+		sched_hold(s, d);
+		return;
+	}
+	if (d->conn_limit > cfg->delivery.max_connections_per_domain)
+		d->conn_limit = cfg->delivery.max_connections_per_domain;
+	while (d->nready > 0 && d->active < d->conn_limit) {
 		if (s->active >= cfg->delivery.max_connections) {
 			/* The global cap: wait for any session to end. */
 			if (!d->starved) {
@@ -964,6 +1035,23 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	 * the destination is down for now; its items wait for their retry
 	 * instead of spinning on connection attempts.
 	 */
+	if (delivered > 0) {
+		d->fail_streak = 0;
+		if (d->conn_limit < s->relay->cfg->delivery.
+		    max_connections_per_domain)
+			d->conn_limit++;
+	} else if (tried) {
+		uint64_t hold = SCHED_HOLD_BASE_MS;
+
+		for (int i = 1; i < d->fail_streak && hold < SCHED_HOLD_MAX_MS;
+		    i++)
+			hold *= 2;
+		if (hold > SCHED_HOLD_MAX_MS)
+			hold = SCHED_HOLD_MAX_MS;
+		d->fail_streak++;
+		d->conn_limit = d->active > 1 ? d->active : 1;
+		d->hold_until = uv_now(s->loop) + hold;
+	}
 	if (delivered == 0 && tried && d->active == 0 && !s->stopping) {
 		char text[1100];
 		sched_reply_text(last, text, sizeof text);
@@ -1023,6 +1111,9 @@ sched_new(struct relay *r, struct sched **out, char *err, size_t errlen)
 	}
 	uv_timer_init(r->loop, &s->timer);
 	s->timer.data = s;
+	uv_timer_init(r->loop, &s->hold_timer);
+	s->hold_timer.data = s;
+	TAILQ_INIT(&s->held);
 	*out = s;
 	spool_foreach(r->spool, sched_load_one, s);
 	log_info("sched started waiting=%zu", s->nheap);
@@ -1051,6 +1142,7 @@ sched_stop(struct sched *s)
 		return;
 	s->stopping = true;
 	uv_timer_stop(&s->timer);
+	uv_timer_stop(&s->hold_timer);
 	LIST_FOREACH(sc, &s->conns, entry)
 		dlv_session_abort(sc->dlv);
 }
@@ -1086,11 +1178,17 @@ sched_free(struct sched *s)
 	SSL_CTX_free(s->client_tls);
 	SSL_CTX_free(s->verify_tls);
 	addrmap_free(s->hosts);
+	/* Two handles; whichever close callback runs last frees s. */
+	s->pending_closes = 2;
+	uv_close((uv_handle_t *)&s->hold_timer, sched_on_timer_closed);
 	uv_close((uv_handle_t *)&s->timer, sched_on_timer_closed);
 }
 
 static void
 sched_on_timer_closed(uv_handle_t *h)
 {
-	free(h->data);	/* the timer is the last handle of the sched */
+	struct sched *s = h->data;
+
+	if (--s->pending_closes == 0)
+		free(s);
 }
