@@ -13,7 +13,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BUILD   ?= build
 CC      ?= cc
-PKGS     = libuv openssl libcares libconfig
+PKGS     = libuv openssl libcares libconfig libpcre2-8
 
 WARN     = -Wall -Wextra -Wstrict-prototypes -Wmissing-prototypes -Wshadow \
            -Wcast-qual -Wpointer-arith -Wno-unused-parameter -Werror

@@ -3,7 +3,8 @@
  *	config.c - load, validate and reference-count the relay configuration
  * SUMMARY
  *	config_load(), config_load_string(), config_ref(), config_unref(),
- *	config_net_match(), config_user_find(), config_tls_policy()
+ *	config_net_match(), config_user_find(), config_tls_policy(),
+ *	config_regex_compile(), config_class_name()
  * DESCRIPTION
  *	libconfig only parses; this file owns the schema. Every value is
  *	checked (type, range, syntax) and copied into a struct relay_config,
@@ -20,6 +21,18 @@
  *	TLS policies) and the delivery source address have their own parsers.
  *	A group or list inside a group (delivery.timeouts,
  *	delivery.tls_policies) has the scope "outer.inner".
+ *
+ *	reply_rules are the operator's additions to the reply classifier
+ *	(relay/verdict.c). Their text regexes are compiled here, once per
+ *	load, so that a bad pattern is an error naming its line like any other
+ *	and a reply is never classified by a pattern that does not compile;
+ *	the compiled rules belong to the snapshot. The engine is PCRE2
+ *	(libpcre2-8): it is the maintained successor of PCRE, matches
+ *	caselessly in UTF-8 while tolerating the invalid bytes a receiver
+ *	may send (PCRE2_MATCH_INVALID_UTF), JIT-compiles, can bound a match
+ *	(verdict.c sets a match limit) and speaks the Perl dialect operators
+ *	already use in MTA rule files. POSIX regcomp(3) has none of that and
+ *	its behaviour on bad UTF-8 depends on the locale.
  *
  *	Error policy: the first problem wins. Its text goes into the caller's
  *	err buffer as "file:line: message" and the function returns
@@ -43,6 +56,8 @@
 #include <unistd.h>
 
 #include <libconfig.h>
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #include "config/log.h"
 #include "config/util.h"
@@ -55,6 +70,15 @@
 #define CFG_MAX_QUEUE_MS (30 * CFG_DAY_MS)	/* longest queue lifetime */
 #define CFG_MAX_RETRIES	32	/* retry_schedule entries */
 #define CFG_MAX_TLS_POLICIES 10000	/* tls_policies entries */
+#define CFG_MAX_REPLY_RULES 10000	/* reply_rules entries, tried in turn */
+/*
+ * Compile options of every classifier regex: case does not matter in
+ * reply texts; MATCH_INVALID_UTF implies UTF and lets a subject with
+ * broken UTF-8 be searched instead of failing; \C could split a UTF-8
+ * character, so it is refused.
+ */
+#define CFG_REGEX_OPTIONS (PCRE2_CASELESS | PCRE2_MATCH_INVALID_UTF | \
+	PCRE2_NEVER_BACKSLASH_C)
 
 /* One load in progress: where messages go and what is being built. */
 struct cfg_parse {
@@ -80,6 +104,9 @@ enum cfg_kind {
 	CFG_K_MODE,	/* int permission bits from an octal string */
 	CFG_K_TLS,	/* enum cfg_tls_mode from its name */
 	CFG_K_DLV_TLS,	/* int enum cfg_dlv_tls from its name */
+	CFG_K_CLASS,	/* int enum cfg_class from its name, not "ok" */
+	CFG_K_PHASES,	/* unsigned mask of 1u << enum cfg_phase from a
+			   phase name or an array of them; "any" = all */
 };
 
 /* One schema entry: a key inside a scope, stored at base + off. */
@@ -95,6 +122,7 @@ struct cfg_key {
 #define LS(m)	offsetof(struct cfg_listener, m)
 #define US(m)	offsetof(struct cfg_user, m)
 #define TP(m)	offsetof(struct cfg_tls_policy, m)
+#define RR(m)	offsetof(struct cfg_reply_rule, m)
 
 static const struct cfg_key cfg_keys[] = {
 	{ NULL, "hostname", CFG_K_STR, 0, 0, RC(hostname) },
@@ -110,6 +138,7 @@ static const struct cfg_key cfg_keys[] = {
 	{ NULL, "log", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "dns", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "delivery", CFG_K_GROUP, 0, 0, 0 },
+	{ NULL, "reply_rules", CFG_K_OTHER, 0, 0, 0 },
 	{ "control", "socket", CFG_K_STR, 0, 0, RC(control_socket) },
 	{ "control", "mode", CFG_K_MODE, 0, 0777, RC(control_mode) },
 	{ "tls", "certificate", CFG_K_STR, 0, 0, RC(tls_cert) },
@@ -210,6 +239,15 @@ static const struct cfg_key cfg_keys[] = {
 	{ "users", "password_hash", CFG_K_STR, 0, 0, US(hash) },
 	{ "delivery.tls_policies", "domain", CFG_K_STR, 0, 0, TP(domain) },
 	{ "delivery.tls_policies", "tls", CFG_K_DLV_TLS, 0, 0, TP(tls) },
+	/* Syntax of code, enhanced and text is checked after the walk. */
+	{ "reply_rules", "name", CFG_K_STR, 0, 0, RR(name) },
+	{ "reply_rules", "code", CFG_K_STR, 0, 0, RR(code) },
+	{ "reply_rules", "enhanced", CFG_K_STR, 0, 0, RR(enh) },
+	{ "reply_rules", "phase", CFG_K_PHASES, 0, 0, RR(phases) },
+	{ "reply_rules", "text", CFG_K_STR, 0, 0, RR(text) },
+	{ "reply_rules", "class", CFG_K_CLASS, 0, 0, RR(cls) },
+	{ "reply_rules", "suspend", CFG_K_SEC, 1000, CFG_DAY_MS,
+	    RR(suspend_s) },
 };
 
 static const char *const cfg_tls_names[] = {
@@ -224,6 +262,35 @@ static const char *const cfg_dlv_tls_names[] = {
 	[CFG_DLV_TLS_REQUIRED] = "required",
 	[CFG_DLV_TLS_VERIFY] = "verify",
 };
+
+/* reply_rules class names; also the classifier's names in logs. */
+static const char *const cfg_class_names[] = {
+	[CFG_CLASS_OK] = "ok",
+	[CFG_CLASS_THROTTLE] = "throttle",
+	[CFG_CLASS_SUSPEND] = "suspend",
+	[CFG_CLASS_GREYLIST] = "greylist",
+	[CFG_CLASS_RCPT_TEMP] = "rcpt-temp",
+	[CFG_CLASS_MSG_TEMP] = "msg-temp",
+	[CFG_CLASS_PERMANENT] = "permanent",
+	[CFG_CLASS_CONN_FAIL] = "conn-fail",
+};
+_Static_assert(ARRAY_SIZE(cfg_class_names) == CFG_CLASS_LAST, "class names");
+
+/* reply_rules phase names: the delivery.timeouts keys, in enum order. */
+static const char *const cfg_phase_names[] = {
+	[CFG_PHASE_CONNECT] = "connect",
+	[CFG_PHASE_BANNER] = "banner",
+	[CFG_PHASE_EHLO] = "ehlo",
+	[CFG_PHASE_STARTTLS] = "starttls",
+	[CFG_PHASE_MAIL] = "mail",
+	[CFG_PHASE_RCPT] = "rcpt",
+	[CFG_PHASE_DATA] = "data",
+	[CFG_PHASE_DOT] = "dot",
+	[CFG_PHASE_RSET] = "rset",
+	[CFG_PHASE_QUIT] = "quit",
+};
+_Static_assert(ARRAY_SIZE(cfg_phase_names) == CFG_PHASE_LAST, "phase names");
+_Static_assert(CFG_PHASE_LAST < 32, "phase mask fits an unsigned int");
 
 /* delivery.retry_schedule default, s: 5th retry ~2 h 22 min in, then 4000. */
 static const int cfg_retry_default[] = { 300, 600, 1200, 2400, 4000 };
@@ -282,6 +349,13 @@ static int cfg_parse_retry(struct cfg_parse *, const config_setting_t *);
 static int cfg_parse_policies(struct cfg_parse *, const config_setting_t *);
 static int cfg_check_ca(struct cfg_parse *, const config_setting_t *,
     const config_setting_t *);
+static int cfg_phase_name(struct cfg_parse *, const config_setting_t *,
+    unsigned int *);
+static int cfg_parse_rules(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_rule(struct cfg_parse *, const config_setting_t *,
+    size_t);
+static bool cfg_code_valid(char *);
+static bool cfg_enh_valid(const char *);
 
 /* cfg_fail - format "file:line: message" into the caller's buffer */
 static int
@@ -496,6 +570,16 @@ cfg_free(struct relay_config *cfg)
 		free(cfg->delivery.tls_policies[i].domain);
 	free(cfg->delivery.tls_policies);
 	free(cfg->delivery.retry_schedule_s);
+	for (i = 0; i < cfg->reply_rules.n; i++) {
+		struct cfg_reply_rule *r = &cfg->reply_rules.v[i];
+
+		free(r->name);
+		free(r->code);
+		free(r->enh);
+		free(r->text);
+		pcre2_code_free(r->re);
+	}
+	free(cfg->reply_rules.v);
 	free(cfg->path);
 	free(cfg->hostname);
 	free(cfg->spool_dir);
@@ -899,6 +983,33 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 			}
 		return cfg_fail(p, s, "'%s' must be one of \"none\", "
 		    "\"opportunistic\", \"required\" or \"verify\"", k->key);
+	case CFG_K_CLASS:
+		/* "ok" is no class a failure can have. */
+		for (i = CFG_CLASS_OK + 1; v != NULL &&
+		    i < ARRAY_SIZE(cfg_class_names); i++)
+			if (strcmp(v, cfg_class_names[i]) == 0) {
+				*(int *)dst = (int)i;
+				return 0;
+			}
+		return cfg_fail(p, s, "'%s' must be one of \"throttle\", "
+		    "\"suspend\", \"greylist\", \"rcpt-temp\", \"msg-temp\", "
+		    "\"permanent\" or \"conn-fail\"", k->key);
+	case CFG_K_PHASES:
+		*(unsigned int *)dst = 0;
+		if (v != NULL)
+			return cfg_phase_name(p, s, (unsigned int *)dst);
+		if (!config_setting_is_array(s) || config_setting_length(s) == 0)
+			return cfg_fail(p, s, "'%s' must be a phase name or a "
+			    "non-empty array of them", k->key);
+		for (i = 0; i < (size_t)config_setting_length(s); i++) {
+			const config_setting_t *e = config_setting_get_elem(s,
+			    (unsigned int)i);
+			int rc = cfg_phase_name(p, e, (unsigned int *)dst);
+
+			if (rc < 0)
+				return rc;
+		}
+		return 0;
 	}
 	/* Only a new kind added to the table without a case gets here. */
 	relay_panic("cfg_value: kind %d", (int)k->kind);
@@ -960,6 +1071,9 @@ cfg_parse_root(struct cfg_parse *p, const config_setting_t *root)
 	    (s != NULL && (rc = cfg_parse_servers(p, s)) < 0))
 		return rc;
 	if ((rc = cfg_parse_delivery(p, root)) < 0)
+		return rc;
+	if ((rc = cfg_seq(p, root, "reply_rules", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_rules(p, s)) < 0))
 		return rc;
 
 	/*
@@ -1239,6 +1353,203 @@ cfg_check_ca(struct cfg_parse *p, const config_setting_t *g,
 		at = ca;
 	return cfg_fail(p, at, "ca_file '%s' cannot be read (%s); tls "
 	    "\"verify\" needs a CA bundle", cfg->delivery.ca_file, why);
+}
+
+/* cfg_phase_name - OR the phase named by string setting s into *mask */
+static int
+cfg_phase_name(struct cfg_parse *p, const config_setting_t *s,
+    unsigned int *mask)
+{
+	const char *v = config_setting_type(s) == CONFIG_TYPE_STRING ?
+	    config_setting_get_string(s) : NULL;
+	size_t i;
+
+	if (v != NULL && strcmp(v, "any") == 0) {
+		*mask |= CFG_PHASE_ANY;
+		return 0;
+	}
+	for (i = 0; v != NULL && i < ARRAY_SIZE(cfg_phase_names); i++)
+		if (strcmp(v, cfg_phase_names[i]) == 0) {
+			*mask |= 1u << i;
+			return 0;
+		}
+	return cfg_fail(p, s, "'phase' must be \"any\" or one of \"connect\", "
+	    "\"banner\", \"ehlo\", \"starttls\", \"mail\", \"rcpt\", "
+	    "\"data\", \"dot\", \"rset\", \"quit\" (or an array of them)");
+}
+
+/*
+ * cfg_parse_rules - reply_rules: up to CFG_MAX_REPLY_RULES groups, kept in
+ * file order (the classifier tries them in turn), names unique.
+ */
+static int
+cfg_parse_rules(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct cfg_reply_rules *rules = &p->cfg->reply_rules;
+	size_t i, j, n = (size_t)config_setting_length(list);
+	int rc;
+
+	if (n > CFG_MAX_REPLY_RULES)
+		return cfg_fail(p, list, "'reply_rules' may hold at most %d "
+		    "rules", CFG_MAX_REPLY_RULES);
+	/* Counted up front so cfg_free() copes with a half-filled array. */
+	rules->v = xcalloc(n == 0 ? 1 : n, sizeof *rules->v);
+	rules->n = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+
+		if ((rc = cfg_parse_rule(p, e, i)) < 0)
+			return rc;
+		/* Logs name the rule that decided; two alike would lie. */
+		for (j = 0; j < i; j++)
+			if (strcmp(rules->v[j].name, rules->v[i].name) == 0)
+				return cfg_fail(p, e, "reply rule name '%s' is "
+				    "used twice", rules->v[i].name);
+	}
+	return 0;
+}
+
+/*
+ * cfg_parse_rule - one { name, code, enhanced, phase, text, class,
+ * suspend } group: class is required, and at least one of code, enhanced
+ * and text, since a rule matching every failure would hide the rest.
+ */
+static int
+cfg_parse_rule(struct cfg_parse *p, const config_setting_t *e, size_t i)
+{
+	struct cfg_reply_rule *r = &p->cfg->reply_rules.v[i];
+	char rerr[256];
+	const char *c;
+	int rc;
+
+	if (!config_setting_is_group(e))
+		return cfg_fail(p, e, "'reply_rules' entries must be groups "
+		    "{ ... }");
+	r->phases = CFG_PHASE_ANY;
+	r->cls = -1;
+	if ((rc = cfg_apply(p, e, "reply_rules", r)) < 0)
+		return rc;
+	if (r->name == NULL)
+		r->name = xasprintf("rule-%zu", i + 1);
+	/* Names reach the logs, where control bytes forge lines. */
+	for (c = r->name; *c != '\0'; c++)
+		if ((unsigned char)*c <= ' ' || *c == 0x7f)
+			return cfg_fail(p, config_setting_get_member(e, "name"),
+			    "reply rule name '%s' must not contain spaces or "
+			    "control characters", r->name);
+	if (r->code != NULL && !cfg_code_valid(r->code))
+		return cfg_fail(p, config_setting_get_member(e, "code"),
+		    "reply rule '%s': 'code' must be a 4xx or 5xx reply code "
+		    "such as \"421\", or a pattern such as \"45x\" or \"4xx\", "
+		    "not '%s'", r->name, r->code);
+	if (r->enh != NULL && !cfg_enh_valid(r->enh))
+		return cfg_fail(p, config_setting_get_member(e, "enhanced"),
+		    "reply rule '%s': 'enhanced' must be a 4.x.x or 5.x.x "
+		    "status such as \"4.7.28\", or a prefix ending in a dot "
+		    "such as \"4.7.\", not '%s'", r->name, r->enh);
+	if (r->code != NULL && r->enh != NULL && r->code[0] != r->enh[0])
+		return cfg_fail(p, config_setting_get_member(e, "enhanced"),
+		    "reply rule '%s' can never match: code %s with enhanced "
+		    "status %s", r->name, r->code, r->enh);
+	if (r->code == NULL && r->enh == NULL && r->text == NULL)
+		return cfg_fail(p, e, "reply rule '%s' would match every "
+		    "failure: give at least one of 'code', 'enhanced' and "
+		    "'text'", r->name);
+	if (r->cls < 0)
+		return cfg_fail(p, e, "reply rule '%s' is missing 'class'",
+		    r->name);
+	if (r->suspend_s != 0 && r->cls != CFG_CLASS_SUSPEND)
+		return cfg_fail(p, config_setting_get_member(e, "suspend"),
+		    "reply rule '%s': 'suspend' is only for class \"suspend\"",
+		    r->name);
+	if (r->text != NULL && config_regex_compile(r->text, &r->re, rerr,
+	    sizeof rerr) < 0)
+		return cfg_fail(p, config_setting_get_member(e, "text"),
+		    "reply rule '%s': 'text' is not a valid regex: %s",
+		    r->name, rerr);
+	return 0;
+}
+
+/* cfg_code_valid - "421", "45x", "4xx" (X lower-cased in place) */
+static bool
+cfg_code_valid(char *v)
+{
+	size_t i;
+
+	if (strlen(v) != 3 || (v[0] != '4' && v[0] != '5'))
+		return false;
+	for (i = 1; i < 3; i++) {
+		if (v[i] == 'X')
+			v[i] = 'x';
+		if (v[i] == 'x')
+			continue;
+		/* A digit after an x ("4x1") is no prefix. */
+		if (v[i] < '0' || v[i] > '9' || v[i - 1] == 'x')
+			return false;
+	}
+	return true;
+}
+
+/*
+ * cfg_enh_valid - class "." [subject "." [detail]], RFC 3463 numbers of
+ * 1..3 digits: "4.7.28" exactly, or a prefix ending in a dot ("4.", "4.7.")
+ */
+static bool
+cfg_enh_valid(const char *v)
+{
+	size_t field, n;
+
+	if ((v[0] != '4' && v[0] != '5') || v[1] != '.')
+		return false;
+	v += 2;
+	for (field = 0; field < 2 && *v != '\0'; field++) {
+		for (n = 0; v[n] >= '0' && v[n] <= '9'; n++)
+			;
+		if (n == 0 || n > 3)
+			return false;
+		v += n;
+		if (field == 0 && *v++ != '.')
+			return false;
+	}
+	return *v == '\0';
+}
+
+/* config_regex_compile - PCRE2 with CFG_REGEX_OPTIONS, then JIT if we can */
+int
+config_regex_compile(const char *pattern, struct pcre2_real_code_8 **out,
+    char *err, size_t errlen)
+{
+	PCRE2_UCHAR msg[256];
+	PCRE2_SIZE off;
+	pcre2_code *re;
+	int ec;
+
+	*out = NULL;
+	re = pcre2_compile((PCRE2_SPTR)pattern, PCRE2_ZERO_TERMINATED,
+	    CFG_REGEX_OPTIONS, &ec, &off, NULL);
+	if (re == NULL) {
+		if (pcre2_get_error_message(ec, msg, sizeof msg) < 0)
+			str_copy((char *)msg, "unknown error", sizeof msg);
+		if (err != NULL && errlen > 0)
+			snprintf(err, errlen, "%s at offset %zu", (char *)msg,
+			    (size_t)off);
+		return RELAY_ECONFIG;
+	}
+	/*
+	 * Without JIT (not built in, or no executable memory allowed)
+	 * pcre2_match() interprets the pattern: slower, same answers.
+	 */
+	(void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+	*out = re;
+	return 0;
+}
+
+/* config_class_name - the enum cfg_class name used in files and logs */
+const char *
+config_class_name(int cls)
+{
+	return cls >= 0 && cls < CFG_CLASS_LAST ? cfg_class_names[cls] : "?";
 }
 
 /* cfg_parse_listeners - every element, then no two on one address:port */

@@ -83,6 +83,60 @@ struct cfg_tls_policy {
 	int tls;		/* enum cfg_dlv_tls */
 };
 
+/*
+ * Reply classes: what a receiver's reply or an I/O event means for the
+ * destination (reply_rules class = "..."). They mirror enum verdict_class
+ * in relay/verdict.h, which config/ may not include; verdict.c checks the
+ * two are equal with _Static_assert. config_class_name() gives the names
+ * the configuration uses.
+ */
+enum cfg_class {
+	CFG_CLASS_OK,		/* nothing for the destination to act on */
+	CFG_CLASS_THROTTLE,	/* slow the site down (rate, connections) */
+	CFG_CLASS_SUSPEND,	/* stop the site for a while (blocks) */
+	CFG_CLASS_GREYLIST,	/* retry this recipient after the delay */
+	CFG_CLASS_RCPT_TEMP,	/* this recipient, later (over quota) */
+	CFG_CLASS_MSG_TEMP,	/* this message, later */
+	CFG_CLASS_PERMANENT,	/* bounce */
+	CFG_CLASS_CONN_FAIL,	/* the host failed: no session */
+	CFG_CLASS_LAST
+};
+
+/*
+ * libpcre2-8's compiled pattern (pcre2_code with PCRE2_CODE_UNIT_WIDTH 8),
+ * declared here so that includers need not include pcre2.h.
+ */
+struct pcre2_real_code_8;
+
+/*
+ * One reply_rules entry. Every matcher given must match (AND); one left
+ * out matches anything. A rule with a code never matches an I/O event,
+ * which has no code. See config/relay.conf.example and relay/verdict.c.
+ */
+struct cfg_reply_rule {
+	char *name;		/* for logs; unique; default "rule-<n>" */
+	char *code;		/* "421", "4xx" or "45x" (x lower-case); NULL
+				   = any code */
+	char *enh;		/* enhanced status: "4.7.28" exactly, or a
+				   prefix ending in '.' ("4.7."); NULL = any */
+	unsigned int phases;	/* mask of 1u << enum cfg_phase */
+	char *text;		/* regex source, for logs; NULL = any text */
+	struct pcre2_real_code_8 *re;	/* text compiled by
+				   config_regex_compile(); NULL = any text */
+	int cls;		/* enum cfg_class, never CFG_CLASS_OK */
+	int suspend_s;		/* class suspend: seconds, 0 = the
+				   scheduler's default; 0 for other classes */
+};
+
+/* The reply_rules list, in file order (tried first to last). */
+struct cfg_reply_rules {
+	struct cfg_reply_rule *v;	/* n rules */
+	size_t n;			/* 0..10000 */
+};
+
+/* Every phase (reply_rules phase = "any"). */
+#define CFG_PHASE_ANY	((1u << CFG_PHASE_LAST) - 1)
+
 struct relay_config {
 	int refs;			/* config_ref/config_unref count */
 	char *path;			/* file it was loaded from, or "(built-in)" */
@@ -168,6 +222,10 @@ struct relay_config {
 		int delay_warning_s;	/* "delayed" DSN at this age; 0 = none */
 		uint64_t timeout_ms[CFG_PHASE_LAST];	/* by enum cfg_phase */
 	} delivery;
+
+	struct cfg_reply_rules reply_rules;	/* operator's classifier
+					   rules, compiled; tried before the
+					   built-in ones (relay/verdict.c) */
 };
 
 /*
@@ -203,5 +261,18 @@ const struct cfg_user *config_user_find(const struct relay_config *cfg,
  * Compared case-insensitively; a NULL domain gets delivery.tls.
  */
 int config_tls_policy(const struct relay_config *cfg, const char *domain);
+
+/*
+ * config_regex_compile - compile a reply text regex the one way every
+ * classifier pattern is compiled (PCRE2, caseless, UTF-8 with invalid
+ * bytes tolerated in subjects, JIT when available). On success *out is
+ * the caller's, freed with pcre2_code_free(). On failure returns
+ * RELAY_ECONFIG and err holds PCRE2's message and the offset.
+ */
+int config_regex_compile(const char *pattern, struct pcre2_real_code_8 **out,
+    char *err, size_t errlen);
+
+/* config_class_name - "throttle", ... for enum cfg_class; "?" if unknown */
+const char *config_class_name(int cls);
 
 #endif

@@ -778,7 +778,8 @@ dlv_txn_finish(struct dlv_session *s)
 {
 	struct dlv_txn *t = s->txn;
 	struct smtp_reply none;
-	struct verdict v = { VERDICT_RCPT_RETRY, false, "not attempted" };
+	struct verdict v = { .action = VERDICT_RCPT_RETRY,
+	    .why = "not attempted" };
 
 	if (t == NULL)
 		return;
@@ -913,7 +914,8 @@ dlv_on_closed(struct conn *c)
 	if (s->txn) {
 		/* Closed under us (abort, write error): retry what is left. */
 		struct smtp_reply r;
-		struct verdict v = { VERDICT_RCPT_RETRY, true, "connection closed" };
+		struct verdict v = { .action = VERDICT_RCPT_RETRY,
+		    .conn_dead = true, .why = "connection closed" };
 
 		memset(&r, 0, sizeof r);
 		str_copy(r.text, "connection closed", sizeof r.text);

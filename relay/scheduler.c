@@ -84,7 +84,8 @@ struct sched_dest {
 	struct sched_dest *hnext;	/* hash chain */
 	struct sched *sched;		/* owner */
 	bool starved;			/* on sched->starved */
-	TAILQ_ENTRY(sched_dest) starve;	/* waiting for a global slot */
+	TAILQ_ENTRY(sched_dest) starve;	/* waiting for a global or
+					 * per-address slot */
 	/*
 	 * Negative feedback (Postfix qmgr's idea, before issue 4's site
 	 * controller): a session that could not deliver anything lowers the
@@ -153,6 +154,7 @@ static void sched_msg_add(struct sched *s, const struct envelope *env);
 static void sched_msg_write(struct sched_msg *m);
 static void sched_arm(struct sched *s);
 static void sched_hold(struct sched *s, struct sched_dest *d);
+static void sched_starve(struct sched *s, struct sched_dest *d);
 static void sched_on_hold_timer(uv_timer_t *t);
 
 static const struct dlv_ops sched_dlv_ops = {
@@ -829,6 +831,16 @@ sched_on_hold_timer(uv_timer_t *t)
 	sched_hold_arm(s);
 }
 
+/* sched_starve - d has ready work but no slot: wake it on a session end */
+static void
+sched_starve(struct sched *s, struct sched_dest *d)
+{
+	if (d->starved)
+		return;
+	d->starved = true;
+	TAILQ_INSERT_TAIL(&s->starved, d, starve);
+}
+
 /* sched_kick - resolve, fail, or open sessions for d as caps allow */
 static void
 sched_kick(struct sched_dest *d)
@@ -856,10 +868,7 @@ sched_kick(struct sched_dest *d)
 	while (d->nready > 0 && d->active < d->conn_limit) {
 		if (s->active >= cfg->delivery.max_connections) {
 			/* The global cap: wait for any session to end. */
-			if (!d->starved) {
-				d->starved = true;
-				TAILQ_INSERT_TAIL(&s->starved, d, starve);
-			}
+			sched_starve(s, d);
 			return;
 		}
 		struct dlv_target t;
@@ -881,8 +890,12 @@ sched_kick(struct sched_dest *d)
 				continue;
 			hosts[nh++] = d->hosts[i];
 		}
-		if (nh == 0)
-			return;	/* every host at its cap: a close kicks us */
+		if (nh == 0) {
+			/* Every address at its cap (maybe another domain's
+			 * sessions to a shared MX): wait for a session end. */
+			sched_starve(s, d);
+			return;
+		}
 		/* Do not open more sessions than there is work for. */
 		if (d->active > 0 && d->nready <= (size_t)d->active)
 			return;
@@ -1062,12 +1075,15 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	/* A freed slot lets this destination, or one that waited for a
 	 * global slot, go on (oldest waiter first). */
 	if (!s->stopping) {
+		TAILQ_HEAD(, sched_dest) waiting;
 		struct sched_dest *o;
 
 		sched_kick(d);
-		while ((o = TAILQ_FIRST(&s->starved)) != NULL &&
-		    s->active < s->relay->cfg->delivery.max_connections) {
-			TAILQ_REMOVE(&s->starved, o, starve);
+		/* Each waiter gets one try; one still blocked re-queues. */
+		TAILQ_INIT(&waiting);
+		TAILQ_CONCAT(&waiting, &s->starved, starve);
+		while ((o = TAILQ_FIRST(&waiting)) != NULL) {
+			TAILQ_REMOVE(&waiting, o, starve);
 			o->starved = false;
 			sched_kick(o);
 		}

@@ -1174,6 +1174,13 @@ TEST(example_file_loads)
 	ASSERT_EQ(cfg->delivery.max_queue_lifetime_s, 432000);
 	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_DOT], 600000);
 	ASSERT_EQ(cfg->delivery.timeout_ms[CFG_PHASE_QUIT], 60000);
+	ASSERT_EQ(cfg->reply_rules.n, 2);
+	ASSERT_STR_EQ(cfg->reply_rules.v[0].name, "gmail-rate-suspend");
+	ASSERT_EQ(cfg->reply_rules.v[0].suspend_s, 7200);
+	ASSERT_EQ(cfg->reply_rules.v[1].phases, 1u << CFG_PHASE_RCPT);
+	ASSERT_STR_EQ(cfg->reply_rules.v[1].text,
+	    "sending rate exceeded|\\bRL\\d{3}\\b");
+	ASSERT(cfg->reply_rules.v[1].re != NULL);
 	config_unref(cfg);
 }
 
@@ -1212,6 +1219,183 @@ TEST(builtin_default_loads)
 	config_unref(cfg);
 }
 
+TEST(reply_rules)
+{
+	struct relay_config *cfg;
+	const struct cfg_reply_rule *r;
+
+	cfg = load_ok(MINIMAL);
+	ASSERT_EQ(cfg->reply_rules.n, 0);
+	config_unref(cfg);
+
+	cfg = load_ok(MINIMAL "reply_rules = (\n"
+	    "  { name = \"gmail-rate\"; code = \"421\"; enhanced = \"4.7.28\";\n"
+	    "    phase = \"any\"; text = \"unusual\\\\s+rate\";\n"
+	    "    class = \"suspend\"; suspend = 3600; },\n"
+	    "  { code = \"45X\"; phase = [ \"rcpt\", \"dot\" ];\n"
+	    "    class = \"greylist\"; },\n"
+	    "  { enhanced = \"4.7.\"; phase = \"banner\"; "
+	    "class = \"throttle\"; },\n"
+	    "  { text = \"\\\\[TS03\\\\]\"; class = \"conn-fail\"; }\n"
+	    ");");
+	ASSERT_EQ(cfg->reply_rules.n, 4);
+	r = &cfg->reply_rules.v[0];
+	ASSERT_STR_EQ(r->name, "gmail-rate");
+	ASSERT_STR_EQ(r->code, "421");
+	ASSERT_STR_EQ(r->enh, "4.7.28");
+	ASSERT_EQ(r->phases, CFG_PHASE_ANY);
+	ASSERT_STR_EQ(r->text, "unusual\\s+rate");
+	ASSERT(r->re != NULL);
+	ASSERT_EQ(r->cls, CFG_CLASS_SUSPEND);
+	ASSERT_EQ(r->suspend_s, 3600);
+	r = &cfg->reply_rules.v[1];
+	/* Default names follow the position; "X" is stored lower-case. */
+	ASSERT_STR_EQ(r->name, "rule-2");
+	ASSERT_STR_EQ(r->code, "45x");
+	ASSERT(r->enh == NULL);
+	ASSERT(r->text == NULL && r->re == NULL);
+	ASSERT_EQ(r->phases, (1u << CFG_PHASE_RCPT) | (1u << CFG_PHASE_DOT));
+	ASSERT_EQ(r->cls, CFG_CLASS_GREYLIST);
+	ASSERT_EQ(r->suspend_s, 0);
+	r = &cfg->reply_rules.v[2];
+	ASSERT_STR_EQ(r->enh, "4.7.");
+	ASSERT_EQ(r->phases, 1u << CFG_PHASE_BANNER);
+	ASSERT_EQ(r->cls, CFG_CLASS_THROTTLE);
+	r = &cfg->reply_rules.v[3];
+	ASSERT_STR_EQ(r->text, "\\[TS03\\]");
+	ASSERT_EQ(r->cls, CFG_CLASS_CONN_FAIL);
+	config_unref(cfg);
+}
+
+TEST(reply_rule_errors)
+{
+	/* A bad regex names the text's line with PCRE2's words and offset. */
+	load_fail(MINIMAL "reply_rules = (\n  { name = \"bad\";\n"
+	    "    text = \"unusual (rate\";\n    class = \"throttle\"; } );",
+	    "t.conf:4: reply rule 'bad': 'text' is not a valid regex: "
+	    "missing closing parenthesis at offset 13");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"ok\"; } );",
+	    "t.conf:3: 'class' must be one of \"throttle\", \"suspend\"");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"slow\"; } );",
+	    "t.conf:3: 'class' must be one of");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; } );",
+	    "t.conf:3: reply rule 'rule-1' is missing 'class'");
+	load_fail(MINIMAL "reply_rules = (\n  { name = \"all\"; phase = \"rcpt\";\n"
+	    "    class = \"throttle\"; } );",
+	    "t.conf:3: reply rule 'all' would match every failure");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"4x1\"; "
+	    "class = \"throttle\"; } );",
+	    "t.conf:3: reply rule 'rule-1': 'code' must be a 4xx or 5xx reply "
+	    "code such as \"421\", or a pattern such as \"45x\" or \"4xx\", not "
+	    "'4x1'");
+	load_fail(MINIMAL "reply_rules = ( { code = \"6xx\"; "
+	    "class = \"throttle\"; } );",
+	    "'code' must be a 4xx or 5xx");
+	load_fail(MINIMAL "reply_rules = ( { code = \"42\"; "
+	    "class = \"throttle\"; } );",
+	    "'code' must be a 4xx or 5xx");
+	load_fail(MINIMAL "reply_rules = ( { code = \"421 \"; "
+	    "class = \"throttle\"; } );",
+	    "'code' must be a 4xx or 5xx");
+	load_fail(MINIMAL "reply_rules = ( { code = 421; "
+	    "class = \"throttle\"; } );",
+	    "'code' must be a string");
+	load_fail(MINIMAL "reply_rules = (\n  { enhanced = \"4.7\"; "
+	    "class = \"throttle\"; } );",
+	    "t.conf:3: reply rule 'rule-1': 'enhanced' must be a 4.x.x or "
+	    "5.x.x status such as \"4.7.28\", or a prefix ending in a dot such "
+	    "as \"4.7.\", not '4.7'");
+	load_fail(MINIMAL "reply_rules = ( { enhanced = \"4.7.28.1\"; "
+	    "class = \"throttle\"; } );",
+	    "'enhanced' must be");
+	load_fail(MINIMAL "reply_rules = ( { enhanced = \"4..1\"; "
+	    "class = \"throttle\"; } );",
+	    "'enhanced' must be");
+	load_fail(MINIMAL "reply_rules = ( { enhanced = \"2.0.0\"; "
+	    "class = \"throttle\"; } );",
+	    "'enhanced' must be");
+	load_fail(MINIMAL "reply_rules = ( { enhanced = \"4.1234.1\"; "
+	    "class = \"throttle\"; } );",
+	    "'enhanced' must be");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\";\n"
+	    "    enhanced = \"5.7.1\"; class = \"throttle\"; } );",
+	    "t.conf:4: reply rule 'rule-1' can never match: code 421 with "
+	    "enhanced status 5.7.1");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    suspend = 600; } );",
+	    "t.conf:4: reply rule 'rule-1': 'suspend' is only for class "
+	    "\"suspend\"");
+	load_fail(MINIMAL "reply_rules = ( { code = \"421\"; class = \"suspend\";\n"
+	    "    suspend = 0; } );",
+	    "t.conf:3: 'suspend' must be between 1 and 86400 seconds");
+	load_fail(MINIMAL "reply_rules = ( { code = \"421\"; class = \"suspend\";\n"
+	    "    suspend = 86401; } );",
+	    "t.conf:3: 'suspend' must be between 1 and 86400 seconds");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    phase = \"helo\"; } );",
+	    "t.conf:4: 'phase' must be \"any\" or one of \"connect\"");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    phase = [ \"rcpt\",\n      \"dots\" ]; } );",
+	    "t.conf:5: 'phase' must be \"any\" or one of");
+	load_fail(MINIMAL "reply_rules = ( { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    phase = [ ]; } );",
+	    "t.conf:3: 'phase' must be a phase name or a non-empty array");
+	load_fail(MINIMAL "reply_rules = ( { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    phase = 3; } );",
+	    "t.conf:3: 'phase' must be a phase name or a non-empty array");
+	load_fail(MINIMAL "reply_rules = (\n  { code = \"421\"; "
+	    "class = \"throttle\";\n"
+	    "    action = \"bounce\"; } );",
+	    "t.conf:4: unknown setting 'action' in 'reply_rules'");
+	load_fail(MINIMAL "reply_rules = (\n  { name = \"a\"; code = \"421\"; "
+	    "class = \"throttle\"; },\n"
+	    "  { name = \"a\"; code = \"451\"; class = \"throttle\"; } );",
+	    "t.conf:4: reply rule name 'a' is used twice");
+	load_fail(MINIMAL "reply_rules = (\n  { name = \"my rule\"; code = \"421\";"
+	    " class = \"throttle\"; } );",
+	    "t.conf:3: reply rule name 'my rule' must not contain spaces");
+	load_fail(MINIMAL "reply_rules = (\n  \"421\" );",
+	    "t.conf:3: 'reply_rules' entries must be groups { ... }");
+	load_fail(MINIMAL "reply_rules = {\n  code = \"421\"; };",
+	    "t.conf:2: 'reply_rules' must be a list");
+	load_fail(MINIMAL "reply_rules = ( { text = \"\"; "
+	    "class = \"throttle\"; } );",
+	    "'text' must not be empty");
+	/* A pattern must be valid UTF-8, and \C is refused. */
+	load_fail(MINIMAL "reply_rules = ( { text = \"a\\xff\"; "
+	    "class = \"throttle\"; } );",
+	    "'text' is not a valid regex: UTF-8 error");
+	load_fail(MINIMAL "reply_rules = ( { text = \"a\\\\C\"; "
+	    "class = \"throttle\"; } );",
+	    "'text' is not a valid regex");
+	/* Rules are a top-level list, not part of delivery. */
+	load_fail(MINIMAL "delivery = { reply_rules = ( ); };",
+	    "unknown setting 'reply_rules' in 'delivery'");
+}
+
+TEST(reply_rules_limit)
+{
+	struct buf b;
+	int i;
+
+	buf_init(&b);
+	buf_puts(&b, MINIMAL "reply_rules = (\n");
+	for (i = 0; i < 10001; i++)
+		buf_printf(&b, "%s{ code = \"421\"; class = \"throttle\"; }\n",
+		    i == 0 ? "" : ",");
+	buf_puts(&b, ");\n");
+	load_fail(b.data, "t.conf:2: 'reply_rules' may hold at most 10000 "
+	    "rules");
+	buf_free(&b);
+}
+
 TEST_MAIN("config",
     TEST_ENTRY(defaults),
     TEST_ENTRY(all_keys_set),
@@ -1245,6 +1429,9 @@ TEST_MAIN("config",
     TEST_ENTRY(delivery_ca_file),
     TEST_ENTRY(delivery_retry_schedule),
     TEST_ENTRY(delivery_timeouts),
+    TEST_ENTRY(reply_rules),
+    TEST_ENTRY(reply_rule_errors),
+    TEST_ENTRY(reply_rules_limit),
     TEST_ENTRY(syntax_error_line),
     TEST_ENTRY(file_errors),
     TEST_ENTRY(file_line_numbers_and_include),
