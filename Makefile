@@ -48,6 +48,7 @@ SRCS_RELAY += relay/dsn.c
 SRCS_RELAY += relay/verdict.c
 SRCS_RELAY += relay/dlv_session.c
 SRCS_RELAY += relay/scheduler.c
+SRCS_RELAY += relay/site.c
 
 LIB_SRCS = $(SRCS_CONFIG) $(SRCS_TLS) $(SRCS_DNS) $(SRCS_QUEUE) $(SRCS_RELAY)
 LIB_OBJS = $(LIB_SRCS:%.c=$(BUILD)/%.o)
