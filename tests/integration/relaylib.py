@@ -153,7 +153,9 @@ def _cstr(s):
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _cval(v):
+def _cval(v, indent="  "):
+    if isinstance(v, dict):
+        return _group(v, indent + "  ", indent)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -165,9 +167,10 @@ def _cval(v):
     return _cstr(v)
 
 
-def _group(d, indent="  "):
-    return "{\n" + "".join("%s%s = %s;\n" % (indent, k, _cval(v))
-                           for k, v in d.items()) + "}"
+def _group(d, indent="  ", close=""):
+    """A libconfig group; nested dicts become nested groups."""
+    return "{\n" + "".join("%s%s = %s;\n" % (indent, k, _cval(v, indent))
+                           for k, v in d.items()) + close + "}"
 
 
 DEFAULT_LIMITS = dict(max_message_size=10 * 1024 * 1024, max_recipients=100,
@@ -884,3 +887,474 @@ def expect_exit(p, want, what):
                      what, p.returncode, want, pat, where))
     fail("%s: exit code %s, want %s; stderr: %s" % (
         what, p.returncode, want, tail(err, 10)))
+
+
+# ---------------------------------------------------------------------------
+# Delivery fixtures: a private DNS server (dnsmasq) and the scriptable fake
+# MX (build/fake-mx). Both are context managers that never outlive the
+# test: they are stopped on exit, registered for cleanup_all(), and get
+# SIGTERM/SIGKILL when the test runner dies.
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+FAKE_MX = os.path.join(BUILD, "fake-mx")
+
+_helpers = set()        # running Dnsmasq / FakeMX objects
+_helpers_lock = threading.Lock()
+
+
+def _kill_helpers():
+    with _helpers_lock:
+        left = list(_helpers)
+    for h in left:
+        try:
+            h.close(check_exit=False)
+            h.cleanup()
+        except Exception:
+            pass
+
+
+def _pdeathsig(sig):
+    """A preexec_fn: the child gets sig when the runner dies (Linux)."""
+    def fn():
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)
+        except Exception:
+            pass
+    return fn
+
+
+_cleanup_relayd = cleanup_all
+
+
+def cleanup_all():    # noqa: F811 - extends the relayd-only version above
+    """Kill every relayd, dnsmasq and fake-mx a test left running; the
+    count is of relayd processes only (what the runner reports)."""
+    n = _cleanup_relayd()
+    _kill_helpers()
+    return n
+
+
+def _dns_query(name, qtype=1, qid=0x1234):
+    q = bytes([qid >> 8, qid & 255, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    for label in name.rstrip(".").split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0" + bytes([0, qtype, 0, 1])
+
+
+class Dnsmasq:
+    """dnsmasq answering for *.test on 127.0.0.1:<free port>.
+
+    records: dnsmasq options, e.g. "--mx-host=a.test,mx1.a.test,10",
+    "--host-record=mx1.a.test,127.0.0.2", "--dns-rr=n.test,15,000000"
+    (helpers mx(), host(), null_mx() build them). Names under .test that
+    are not given are NXDOMAIN (--local=/test/). --local-ttl gives the
+    records a real TTL so relayd's cache works as in production.
+
+        with Dnsmasq([...]) as dns:
+            RelayD(dns={"servers": [dns.server]}, ...)
+    """
+
+    def __init__(self, records=(), ttl=60, port=None):
+        self.records = list(records)
+        self.ttl = ttl
+        self.proc = None
+        self.port = None
+        self.fixed_port = port      # e.g. a port relayd already points at
+        self.dir = tempfile.mkdtemp(prefix="relay-dns-")
+        self.logpath = os.path.join(self.dir, "dnsmasq.log")
+
+    @property
+    def server(self):
+        return "%s:%d" % (HOST, self.port)
+
+    @staticmethod
+    def mx(domain, host, pref=10):
+        return "--mx-host=%s,%s,%d" % (domain, host, pref)
+
+    @staticmethod
+    def host(name, addr):
+        return "--host-record=%s,%s" % (name, addr)
+
+    @staticmethod
+    def null_mx(domain):
+        # RFC 7505: "0 ." as raw rdata (preference 0, root name).
+        return "--dns-rr=%s,15,000000" % domain
+
+    @staticmethod
+    def free_port():
+        """A port free for both UDP and TCP on 127.0.0.1."""
+        for _ in range(50):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                u.bind((HOST, 0))
+                port = u.getsockname()[1]
+                try:
+                    t.bind((HOST, port))
+                except OSError:
+                    continue
+                return port
+            finally:
+                u.close()
+                t.close()
+        fail("no free UDP+TCP port for dnsmasq")
+
+    def start(self):
+        if not os.access(DNSMASQ, os.X_OK):
+            fail("no %s" % DNSMASQ)
+        for attempt in range(5):
+            self.port = self.fixed_port or self.free_port()
+            argv = [DNSMASQ, "--no-resolv", "--no-hosts", "--no-daemon",
+                    "--conf-file=/dev/null", "--pid-file=",
+                    "--listen-address=127.0.0.1", "--bind-interfaces",
+                    "--local=/test/", "--local-ttl=%d" % self.ttl,
+                    "--port=%d" % self.port] + self.records
+            with open(self.logpath, "ab") as log:
+                self.proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    preexec_fn=_pdeathsig(signal.SIGKILL))
+            with _helpers_lock:
+                _helpers.add(self)
+            if self._wait_ready(10.0):
+                return self
+            self.close(check_exit=False)
+            if self.fixed_port:
+                break
+        fail("dnsmasq did not start: %s" % tail(self._log()))
+
+    def _wait_ready(self, timeout):
+        """A query on UDP answered: dnsmasq is serving."""
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.1)
+        deadline = time.monotonic() + timeout * SLOW
+        try:
+            for _ in range(int(timeout * SLOW * 10) + 1):
+                if self.proc.poll() is not None:
+                    return False
+                try:
+                    s.sendto(_dns_query("ready.test"), (HOST, self.port))
+                    data = s.recv(4096)
+                    if data[:2] == b"\x12\x34":
+                        return True
+                except OSError:
+                    time.sleep(0.05)
+                if time.monotonic() > deadline:
+                    break
+            return False
+        finally:
+            s.close()
+
+    def _log(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def close(self, check_exit=True):
+        """Stop dnsmasq (SIGTERM, then SIGKILL); its exit is not judged."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        finally:
+            with _helpers_lock:
+                _helpers.discard(self)
+
+    def cleanup(self):
+        if os.environ.get("RELAY_IT_KEEP"):
+            print("# kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            self.cleanup()
+            raise
+
+    def __exit__(self, et, ev, tb):
+        try:
+            self.close()
+        finally:
+            self.cleanup()
+        return False
+
+
+class FakeMX:
+    """build/fake-mx with named listeners that all share ONE port (relayd's
+    delivery.port is a single number), e.g.
+
+        with FakeMX({"mx1": "127.0.0.2", "mx2": "127.0.0.3"},
+                    rules="rcpt ~bounce@ 550 5.1.1 No such user",
+                    keep=True) as mx:
+            ... relayd with delivery.port = mx.port ...
+            m = mx.wait_messages(1)[0]      # the "message" records
+            body = mx.body(m)               # with keep=True (-k DIR)
+
+    rules: a string or a list of strings, each passed with -e. args: more
+    fake-mx options (e.g. ["--delay", "5"], ["--tls", "c:k"]). port: use
+    this port (e.g. a second FakeMX next to a first one) instead of one
+    picked free; also_free: addresses where the picked port must be free
+    too (so relayd can listen there on the same port). The record
+    file (-r) is read incrementally; stats() sends SIGUSR1 and returns the
+    stats record from stderr (-S). On a clean exit of the with-block the
+    process must exit 0 on SIGTERM with no sanitizer report.
+    """
+
+    def __init__(self, listeners=None, rules=None, args=(), keep=False,
+                 lifetime=600, idle_timeout=None, port=None,
+                 also_free=()):
+        self.listeners = dict(listeners or {"mx1": "127.0.0.2",
+                                            "mx2": "127.0.0.3"})
+        for a in self.listeners.values():
+            check(a.startswith("127.") and a != "127.0.0.1",
+                  "fake-mx listener address %r: use 127.0.0.2.." % a)
+        if isinstance(rules, str):
+            rules = [rules]
+        self.rules = list(rules or [])
+        self.args = list(args)
+        self.lifetime = lifetime
+        self.idle_timeout = idle_timeout
+        self.dir = tempfile.mkdtemp(prefix="relay-fakemx-")
+        self.record = os.path.join(self.dir, "record.jsonl")
+        self.errlog = os.path.join(self.dir, "stderr.log")
+        self.keepdir = os.path.join(self.dir, "bodies") if keep else None
+        self.proc = None
+        self.port = None
+        self.fixed_port = port
+        self.also_free = list(also_free)
+        self._recs = []
+        self._off = 0
+        self._partial = b""
+        self._err = None
+
+    def _pick_port(self):
+        """A port free on every listener address at once."""
+        if self.fixed_port:
+            return self.fixed_port
+        addrs = list(self.listeners.values()) + self.also_free
+        for _ in range(50):
+            socks = []
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((addrs[0], 0))
+                port = s.getsockname()[1]
+                ok = True
+                for a in addrs[1:]:
+                    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socks.append(t)
+                    try:
+                        t.bind((a, port))
+                    except OSError:
+                        ok = False
+                        break
+                if ok:
+                    return port
+            finally:
+                for s in socks:
+                    s.close()
+        fail("no port free on all of %r" % addrs)
+
+    def start(self):
+        if not os.access(FAKE_MX, os.X_OK):
+            fail("no fake-mx binary at %s (run make)" % FAKE_MX)
+        if self.keepdir:
+            os.makedirs(self.keepdir, exist_ok=True)
+        for attempt in range(5):
+            self.port = self._pick_port()
+            argv = [FAKE_MX, "-q", "-S", "--die-with-parent",
+                    "-t", str(self.lifetime), "-r", self.record]
+            if self.idle_timeout:
+                argv += ["-T", str(self.idle_timeout)]
+            for name, addr in self.listeners.items():
+                argv += ["-l", "%s=%s:%d" % (name, addr, self.port)]
+            for r in self.rules:
+                argv += ["-e", r]
+            if self.keepdir:
+                argv += ["-k", self.keepdir]
+            argv += self.args
+            self._err = open(self.errlog, "ab")
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                         stderr=self._err,
+                                         stdin=subprocess.DEVNULL)
+            with _helpers_lock:
+                _helpers.add(self)
+            import select
+            ready, _, _ = select.select([self.proc.stdout], [], [],
+                                        10 * SLOW)
+            line = self.proc.stdout.readline().decode() if ready else ""
+            if line.startswith("ready "):
+                return self
+            rc = self.proc.wait(10)
+            self._err.close()
+            self.proc.stdout.close()
+            with _helpers_lock:
+                _helpers.discard(self)
+            if (rc == 1 and "ddress already in use" in self.stderr() and
+                    not self.fixed_port):
+                continue
+            fail("fake-mx did not start (rc=%s): %r; stderr: %s" % (
+                rc, line, tail(self.stderr())))
+        fail("fake-mx: no usable port; stderr: %s" % tail(self.stderr()))
+
+    def addr(self, name):
+        return self.listeners[name]
+
+    def stderr(self):
+        try:
+            with open(self.errlog, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    # -- the record ---------------------------------------------------
+    def records(self, event=None, listener=None):
+        """Every complete record so far (optionally of one event)."""
+        try:
+            with open(self.record, "rb") as f:
+                f.seek(self._off)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        self._off += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._recs.append(json.loads(line))
+        return [r for r in self._recs
+                if (event is None or r.get("event") == event) and
+                (listener is None or r.get("listener") == listener)]
+
+    def messages(self, listener=None):
+        return self.records("message", listener)
+
+    def wait_records(self, event, n, timeout=10.0, pred=None,
+                     what=None):
+        """At least n records of event (matching pred); fail on timeout."""
+        def got():
+            rs = [r for r in self.records(event) if pred is None or pred(r)]
+            return rs if len(rs) >= n else None
+        return wait_until(got, timeout, 0.05,
+                          what or "%d fake-mx %s record(s)" % (n, event))
+
+    def wait_messages(self, n, timeout=10.0, pred=None):
+        return self.wait_records("message", n, timeout, pred)
+
+    def body(self, rec):
+        """The kept body of a message record (needs keep=True)."""
+        check(self.keepdir, "FakeMX without keep=True")
+        with open(rec["body_file"], "rb") as f:
+            return f.read()
+
+    def stats(self):
+        """SIGUSR1, then the newest stats record written to stderr."""
+        before = self.stderr().count('"event":"stats"')
+        self.proc.send_signal(signal.SIGUSR1)
+
+        def newest():
+            lines = [x for x in self.stderr().splitlines()
+                     if '"event":"stats"' in x]
+            return json.loads(lines[-1]) if len(lines) > before else None
+        return wait_until(newest, 5.0, 0.02, "fake-mx stats after SIGUSR1")
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- life cycle ---------------------------------------------------
+    def close(self, check_exit=True):
+        rc, hung = None, False
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    rc = self.proc.wait(10 * SLOW)
+                except subprocess.TimeoutExpired:
+                    hung = True
+                    self.proc.kill()
+                    self.proc.wait(5)
+            elif self.proc is not None:
+                rc = self.proc.returncode
+            if self.proc is not None and self.proc.stdout:
+                self.proc.stdout.close()
+            if self._err:
+                self._err.close()
+                self._err = None
+        finally:
+            with _helpers_lock:
+                _helpers.discard(self)
+        if check_exit and self.proc is not None:
+            log = self.stderr()
+            check(not hung, "fake-mx ignored SIGTERM")
+            for p in SANITIZER_PATTERNS:
+                check(p not in log, "fake-mx sanitizer report:\n" +
+                      tail(log, 40))
+            eq(rc, 0, "fake-mx exit status (stderr %r)" % log[-500:])
+
+    def cleanup(self):
+        if os.environ.get("RELAY_IT_KEEP"):
+            print("# kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close(check_exit=False)
+            self.cleanup()
+            raise
+
+    def __exit__(self, et, ev, tb):
+        try:
+            self.close(check_exit=et is None)
+        finally:
+            self.cleanup()
+        return False
+
+
+# ---------------------------------------------------------------------------
+# relayd's delivery log lines
+
+_KV_RX = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _unquote(v):
+    if v.startswith('"') and v.endswith('"') and len(v) >= 2:
+        v = v[1:-1]
+        v = re.sub(r"\\x([0-9a-fA-F]{2})",
+                   lambda m: chr(int(m.group(1), 16)), v)
+        v = re.sub(r"\\(.)", r"\1", v)
+    return v
+
+
+def log_events(log, what):
+    """Parsed log lines '<id> <what> k=v ...' (what = "dlv result",
+    "dsn queued", "dlv host-failed", ...): dicts with "id" and the keys."""
+    out = []
+    rx = re.compile(r"(\S+) " + re.escape(what) + r" (.*)$")
+    for line in log.splitlines():
+        m = rx.search(line)
+        if not m:
+            continue
+        d = {k: _unquote(v) for k, v in _KV_RX.findall(m.group(2))}
+        d["id"] = m.group(1)
+        out.append(d)
+    return out
+
+
+def dlv_results(log, rcpt=None, status=None):
+    """The 'dlv result' lines, optionally for one recipient / status."""
+    return [r for r in log_events(log, "dlv result")
+            if (rcpt is None or r.get("rcpt") == rcpt) and
+            (status is None or r.get("status") == status)]
