@@ -237,6 +237,15 @@ time_wall(void)
 	return (int64_t)time(NULL);
 }
 
+int64_t
+time_wall_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 size_t
 str_copy(char *dst, const char *src, size_t dstlen)
 {

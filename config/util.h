@@ -61,6 +61,8 @@ void buf_json_string(struct buf *b, const char *s);
 /* time_now_ms - monotonic milliseconds; time_wall - wall-clock seconds */
 uint64_t time_now_ms(void);
 int64_t time_wall(void);
+/* time_wall_ms - wall-clock milliseconds (persisted deadlines) */
+int64_t time_wall_ms(void);
 
 /* strlcpy-like copy that always terminates; returns strlen(src) */
 size_t str_copy(char *dst, const char *src, size_t dstlen);

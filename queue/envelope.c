@@ -62,6 +62,7 @@
 #define RF_ORCPT	0x20
 #define RF_LAST		0x40
 #define RF_WARNED	0x80
+#define RF_GREY		0x100
 #define RF_REQUIRED	(RF_STATE | RF_ATTEMPTS | RF_NEXT | RF_UPDATED)
 
 /* Parser state shared by the per-line helpers. */
@@ -342,6 +343,8 @@ envelope_format(const struct envelope *env, struct buf *out)
 		}
 		if (r->warned)
 			buf_puts(out, " warned=1");
+		if (r->greylists)
+			buf_printf(out, " grey=%d", r->greylists);
 		if (r->last_reply) {
 			buf_puts(out, " last=");
 			xtext_encode(out, r->last_reply);
@@ -519,6 +522,11 @@ env_parse_rcpt(struct env_parser *ps, const char *v, size_t len)
 			    &r->orcpt)) != 0)
 				return rc;
 			bit = RF_ORCPT;
+		} else if (env_is_key(f, flen, "grey")) {
+			if (!env_number(fv, fvlen, INT32_MAX, &n))
+				return env_fail(ps, "bad number in grey");
+			r->greylists = (int)n;
+			bit = RF_GREY;
 		} else if (env_is_key(f, flen, "warned")) {
 			if (fvlen != 1 || fv[0] != '1')
 				return env_fail(ps, "bad warned flag");

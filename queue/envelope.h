@@ -63,6 +63,7 @@ struct env_rcpt {
 	int64_t updated;	/* wall-clock seconds of the last state change */
 	char *last_reply;	/* last receiver reply or error text, or NULL */
 	bool warned;		/* a "delayed" DSN was sent for it */
+	int greylists;		/* greylisting deferrals so far */
 };
 
 struct envelope {

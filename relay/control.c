@@ -23,6 +23,7 @@
 #include "queue/envelope.h"
 #include "queue/spool.h"
 #include "relay/daemon.h"
+#include "relay/scheduler.h"
 #include "relay/control.h"
 
 #define CONTROL_MAX_REQUEST 1024
@@ -305,9 +306,15 @@ control_answer(struct ctl_client *cl, const char *req)
 		    (unsigned long long)r->stats.auth_failures);
 		buf_json_string(&w->out, r->cfg->path);
 		buf_puts(&w->out, "}\n");
+	} else if (strcmp(req, "sites") == 0 || strcmp(req, "sites json") == 0) {
+		if (r->sched)
+			sched_sites_report(r->sched, &w->out, req[5] != '\0');
+		else
+			buf_puts(&w->out, "error: delivery is disabled in "
+			    "this configuration\n");
 	} else {
 		buf_puts(&w->out, "error: unknown request (try: queue, "
-		    "queue json, status json)\n");
+		    "queue json, sites, sites json, status json)\n");
 	}
 	ub = uv_buf_init(w->out.data, (unsigned int)w->out.len);
 	if (uv_write(&w->req, (uv_stream_t *)&cl->pipe, &ub, 1,

@@ -5,6 +5,7 @@
  * line, and reads the answer until the daemon closes. Requests:
  *   queue        the queue as a table (like postqueue -p)
  *   queue json   the same as one JSON object
+ *   sites [json] delivery sites: adaptive limits, mode, last throttle
  *   status json  counters and uptime as JSON
  * An unknown request gets one line "error: ..." and the close.
  */

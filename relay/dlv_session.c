@@ -111,6 +111,7 @@ struct dlv_session {
 	const char *last_why;		/* its reason */
 	bool next_host;			/* on close: try the next host */
 	bool aborting;			/* dlv_session_abort was called */
+	bool waiting;			/* READY after a DLV_TXN_WAIT */
 	unsigned delivered;		/* transactions completed (all hosts) */
 	unsigned conn_txns;		/* transactions started on this conn */
 	struct dlv_txn *txn;		/* current transaction or NULL */
@@ -426,8 +427,8 @@ dlv_fail(struct dlv_session *s, enum dlv_phase phase,
 		    dlv_phase_name(phase));
 		r = &io;
 	}
-	verdict_classify(phase, r, r == &io ? (io_err ? io_err : -EIO) : 0,
-	    &v);
+	verdict_classify_rules(s->t.rules, phase, r,
+	    r == &io ? (io_err ? io_err : -EIO) : 0, &v);
 	s->last = *r;
 	s->last_why = v.why;
 	if (s->txn) {
@@ -455,7 +456,7 @@ dlv_on_reply(struct dlv_session *s)
 
 	if (s->state == DLV_ST_TXN && s->pexpect < s->nexpect)
 		phase = s->expect[s->pexpect].phase;
-	verdict_classify(phase, r, 0, &v);
+	verdict_classify_rules(s->t.rules, phase, r, 0, &v);
 
 	switch (s->state) {
 	case DLV_ST_BANNER:
@@ -600,12 +601,28 @@ dlv_ready(struct dlv_session *s)
 	if (!s->aborting && (s->t.max_msgs <= 0 ||
 	    s->conn_txns < (unsigned)s->t.max_msgs))
 		t = s->ops->next(s->arg, s);
+	if (t == DLV_TXN_WAIT) {
+		s->waiting = true;	/* idle until poked or timed out */
+		return;
+	}
 	if (t == NULL) {
 		dlv_enter_state(s, DLV_ST_QUIT);
 		dlv_send(s, "QUIT");
 		return;
 	}
 	dlv_txn_start(s, t);
+}
+
+void
+dlv_session_poke(struct dlv_session *s)
+{
+	if (s->state != DLV_ST_READY || !s->waiting || s->conn == NULL ||
+	    conn_is_closing(s->conn))
+		return;
+	s->waiting = false;
+	dlv_ready(s);
+	if (s->conn)
+		conn_flush(s->conn);	/* not inside a dispatch: send now */
 }
 
 /* dlv_mail_params - MAIL FROM parameters the server understands */
@@ -667,7 +684,7 @@ dlv_txn_start(struct dlv_session *s, struct dlv_txn *t)
 		    (unsigned long long)s->size_max);
 	}
 	if (r.code) {
-		verdict_classify(DLV_PHASE_MAIL, &r, 0, &v);
+		verdict_classify_rules(s->t.rules, DLV_PHASE_MAIL, &r, 0, &v);
 		dlv_txn_resolve(s, RCPT_UNTOUCHED, DLV_PHASE_MAIL, &v, &r);
 		dlv_txn_finish(s);
 		dlv_ready(s);
@@ -879,6 +896,13 @@ dlv_on_timeout(struct conn *c)
 		phase = s->expect[s->pexpect].phase;
 	if (s->state == DLV_ST_QUIT) {
 		conn_close(c, "quit timeout");
+		return;
+	}
+	if (s->state == DLV_ST_READY && s->waiting) {
+		/* Idled long enough waiting for a rate token: leave nicely. */
+		s->waiting = false;
+		dlv_enter_state(s, DLV_ST_QUIT);
+		dlv_send(s, "QUIT");
 		return;
 	}
 	dlv_fail(s, phase, NULL, UV_ETIMEDOUT);

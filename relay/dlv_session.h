@@ -21,6 +21,7 @@
 #include <uv.h>
 #include <openssl/ssl.h>
 
+#include "config/config.h"
 #include "queue/envelope.h"
 #include "relay/verdict.h"
 
@@ -49,6 +50,8 @@ struct dlv_target {
 	SSL_CTX *tls_ctx;		/* client context (not owned) */
 	int max_msgs;			/* transactions per connection */
 	uint64_t timeout_ms[DLV_PHASE_LAST];	/* per phase */
+	const struct cfg_reply_rules *rules;	/* operator reply rules (the
+						 * owner keeps the config) */
 };
 
 struct dlv_rcpt_out {
@@ -69,6 +72,9 @@ struct dlv_txn {
 };
 
 struct dlv_session;
+
+/* ops->next may answer "nothing yet, stay connected": see dlv_session_poke */
+#define DLV_TXN_WAIT ((struct dlv_txn *)1)
 
 struct dlv_ops {
 	/*
@@ -92,6 +98,13 @@ struct dlv_ops {
 /* dlv_session_start - copy target and begin with its first host */
 struct dlv_session *dlv_session_start(uv_loop_t *loop, uint64_t id,
     const struct dlv_target *target, const struct dlv_ops *ops, void *arg);
+
+/*
+ * dlv_session_poke - a session that got DLV_TXN_WAIT asks ops->next again
+ * (a rate token is due). It idles in between, up to the RSET timeout,
+ * then quits; a poke to a busy session does nothing.
+ */
+void dlv_session_poke(struct dlv_session *s);
 
 /* dlv_session_abort - stop now (shutdown); the in-flight txn is retried */
 void dlv_session_abort(struct dlv_session *s);

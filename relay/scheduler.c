@@ -18,9 +18,11 @@
  * the timer is armed for the earliest due item.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 #include <sys/queue.h>
 
@@ -38,6 +40,7 @@
 #include "relay/daemon.h"
 #include "relay/dlv_session.h"
 #include "relay/dsn.h"
+#include "relay/site.h"
 #include "relay/verdict.h"
 #include "relay/scheduler.h"
 
@@ -45,6 +48,9 @@
 #define SCHED_MAX_HOSTS		20	/* addresses tried per session */
 #define SCHED_HOLD_BASE_MS	500	/* first hold after a failed session */
 #define SCHED_HOLD_MAX_MS	60000	/* longest hold */
+#define SCHED_SAVE_DELAY_MS	1000	/* site state writes, debounced */
+#define SCHED_GREY_FIRST_S	300	/* first greylist retry (RECEIVERS 4.3) */
+#define SCHED_GREY_JITTER_S	60	/* spread of greylist retries */
 
 /* config/ mirrors these enums without including relay/ headers. */
 _Static_assert((int)CFG_PHASE_LAST == (int)DLV_PHASE_LAST, "phase mirror");
@@ -61,6 +67,17 @@ struct sched_msg {
 };
 
 struct sched_dest;
+
+/*
+ * A site is what a receiver sees as one destination: the set of MX hosts
+ * a domain resolves to (MX rollup), so every domain hosted by one
+ * provider shares one throttle (relay/site.c).
+ */
+struct sched_site {
+	struct site *site;		/* the controller */
+	int active;			/* sessions open to it */
+	struct sched_site *hnext;	/* hash chain */
+};
 
 struct sched_item {
 	struct sched_msg *msg;		/* the message */
@@ -98,6 +115,8 @@ struct sched_dest {
 	uint64_t hold_until;		/* uv_now() ms: no new session before */
 	bool held;			/* on sched->held */
 	TAILQ_ENTRY(sched_dest) hold;	/* waiting for hold_until */
+	struct sched_site *site;	/* its site, once resolved */
+	int nwaiting;			/* sessions idling for a rate token */
 };
 
 /* A session's context: which destination and which MX address it counts. */
@@ -107,6 +126,9 @@ struct sched_conn {
 	struct sockaddr_storage counted;	/* address charged to the cap */
 	bool charged;			/* counted is charged */
 	bool tried;			/* some host was allowed a connect */
+	bool waiting;			/* idling for a rate token */
+	struct sched_site *site;	/* site charged with this session */
+	struct relay_config *cfg;	/* snapshot its reply rules live in */
 	struct sched_item *item;	/* item of the txn in flight */
 	struct dlv_txn txn;		/* the txn handed out */
 	LIST_ENTRY(sched_conn) entry;	/* sched->conns */
@@ -129,6 +151,9 @@ struct sched {
 	TAILQ_HEAD(, sched_dest) held;	/* destinations holding back */
 	uv_timer_t hold_timer;		/* wakes the earliest held one */
 	int pending_closes;		/* handles still closing in sched_free */
+	struct sched_site *sites[SCHED_DEST_BUCKETS];	/* by site name */
+	uv_timer_t save_timer;		/* debounced write of site state */
+	char *state_path;		/* <spool>/sites.state */
 	int active;			/* live sessions */
 	int updates;			/* spool updates in flight */
 	bool stopping;			/* no new work */
@@ -155,6 +180,7 @@ static void sched_msg_write(struct sched_msg *m);
 static void sched_arm(struct sched *s);
 static void sched_hold(struct sched *s, struct sched_dest *d);
 static void sched_starve(struct sched *s, struct sched_dest *d);
+static size_t sched_hash(const char *k);
 static void sched_on_hold_timer(uv_timer_t *t);
 
 static const struct dlv_ops sched_dlv_ops = {
@@ -251,6 +277,191 @@ sched_on_timer(uv_timer_t *t)
 	while (s->nheap && s->heap[0]->due <= now)
 		sched_item_due(s, heap_pop(s));
 	sched_arm(s);
+}
+
+/* --- sites ---------------------------------------------------------- */
+
+/* sched_site_limits - a site's ceilings from the configuration */
+static void
+sched_site_limits(const struct relay_config *cfg, struct site_limits *lim)
+{
+	site_limits_default(lim);
+	lim->max_conn = cfg->delivery.max_connections_per_domain;
+	if (lim->min_conn > lim->max_conn)
+		lim->min_conn = lim->max_conn;
+}
+
+static struct sched_site *
+sched_site_find(struct sched *s, const char *name)
+{
+	struct sched_site *ss;
+
+	for (ss = s->sites[sched_hash(name)]; ss; ss = ss->hnext)
+		if (strcmp(site_name(ss->site), name) == 0)
+			return ss;
+	return NULL;
+}
+
+/* sched_site_add - index a controller under its name */
+static struct sched_site *
+sched_site_add(struct sched *s, struct site *site)
+{
+	struct sched_site *ss = xcalloc(1, sizeof *ss);
+	size_t h = sched_hash(site_name(site));
+
+	ss->site = site;
+	ss->hnext = s->sites[h];
+	s->sites[h] = ss;
+	return ss;
+}
+
+/* sched_site_get - the site of that name, created at its ceilings */
+static struct sched_site *
+sched_site_get(struct sched *s, const char *name)
+{
+	struct sched_site *ss = sched_site_find(s, name);
+	struct site_limits lim;
+
+	if (ss)
+		return ss;
+	sched_site_limits(s->relay->cfg, &lim);
+	return sched_site_add(s, site_new(name, &lim, time_wall_ms()));
+}
+
+/* sched_site_save - write every site's state: tmp, fsync, rename */
+static void
+sched_site_save(struct sched *s)
+{
+	struct buf b;
+	char *tmp;
+	int fd, rc = 0;
+
+	buf_init(&b);
+	for (size_t i = 0; i < SCHED_DEST_BUCKETS; i++)
+		for (struct sched_site *ss = s->sites[i]; ss; ss = ss->hnext)
+			site_serialize(ss->site, &b);
+	tmp = xasprintf("%s.tmp", s->state_path);
+	if ((fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+	    0600)) < 0)
+		rc = -errno;
+	else {
+		if ((rc = fd_write_all(fd, b.data ? b.data : "", b.len)) == 0 &&
+		    fsync(fd) < 0)
+			rc = -errno;
+		close(fd);
+	}
+	if (rc == 0 && rename(tmp, s->state_path) < 0)
+		rc = -errno;
+	if (rc < 0) {
+		log_warnx("sched site-save path=%s error=\"%s\"", s->state_path,
+		    relay_strerror(rc));
+		unlink(tmp);
+	}
+	free(tmp);
+	buf_free(&b);
+}
+
+static void
+sched_on_save_timer(uv_timer_t *t)
+{
+	sched_site_save(t->data);
+}
+
+/* sched_site_load - sites remembered from before a restart */
+static void
+sched_site_load(struct sched *s)
+{
+	struct site_limits lim;
+	char *text, *line, *save;
+	size_t len;
+	int n = 0;
+
+	if (file_read_all(s->state_path, &text, &len, 64 << 20) < 0)
+		return;
+	sched_site_limits(s->relay->cfg, &lim);
+	for (line = strtok_r(text, "\n", &save); line;
+	    line = strtok_r(NULL, "\n", &save)) {
+		struct site *site;
+
+		if (site_parse(line, &lim, &site, time_wall_ms()) < 0) {
+			log_warnx("sched site-state skipped=\"%.60s\"", line);
+			continue;
+		}
+		if (sched_site_find(s, site_name(site))) {
+			site_free(site);
+			continue;
+		}
+		sched_site_add(s, site);
+		n++;
+	}
+	free(text);
+	log_info("sched sites loaded=%d path=%s", n, s->state_path);
+}
+
+/* sched_site_fx - log what a report changed; persist durable changes */
+static void
+sched_site_fx(struct sched *s, struct sched_site *ss, unsigned fx,
+    const char *reply)
+{
+	struct buf b;
+	char rv[600];
+
+	if (!(fx & (SITE_FX_DECREASE | SITE_FX_SUSPEND | SITE_FX_MODE |
+	    SITE_FX_INCREASE | SITE_FX_HOLD)))
+		return;
+	buf_init(&b);
+	site_to_text(ss->site, &b);
+	log_info("site %s %s%s%s%s%s reply=%s", site_name(ss->site),
+	    b.data ? b.data : "", fx & SITE_FX_DECREASE ? " decrease" : "",
+	    fx & SITE_FX_INCREASE ? " increase" : "",
+	    fx & SITE_FX_SUSPEND ? " suspend" : "",
+	    fx & SITE_FX_HOLD ? " hold" : "",
+	    log_value(rv, sizeof rv, reply ? reply : "-"));
+	buf_free(&b);
+	if ((fx & (SITE_FX_DECREASE | SITE_FX_SUSPEND | SITE_FX_MODE)) &&
+	    !uv_is_active((uv_handle_t *)&s->save_timer))
+		uv_timer_start(&s->save_timer, sched_on_save_timer,
+		    SCHED_SAVE_DELAY_MS, 0);
+}
+
+/* sched_site_name - the MX rollup key: sorted distinct MX host names */
+static void
+sched_site_name(const struct dns_mx_result *res, const char *domain,
+    char *out, size_t outlen)
+{
+	const char *names[SCHED_MAX_HOSTS];
+	size_t n = 0, o = 0;
+
+	if (res->implicit || res->nhosts == 0) {
+		str_copy(out, domain, outlen);
+		return;
+	}
+	for (size_t i = 0; i < res->nhosts && n < SCHED_MAX_HOSTS; i++) {
+		bool dup = false;
+		for (size_t j = 0; j < n; j++)
+			if (str_ieq(names[j], res->hosts[i].name))
+				dup = true;
+		if (!dup)
+			names[n++] = res->hosts[i].name;
+	}
+	for (size_t i = 1; i < n; i++)	/* insertion sort: n <= 20 */
+		for (size_t j = i; j > 0 && strcasecmp(names[j - 1], names[j]) > 0;
+		    j--) {
+			const char *t = names[j];
+			names[j] = names[j - 1];
+			names[j - 1] = t;
+		}
+	out[0] = '\0';
+	for (size_t i = 0; i < n && o + 2 < outlen; i++) {
+		int w = snprintf(out + o, outlen - o, "%s%s", i ? "," : "",
+		    names[i]);
+		if (w < 0 || (size_t)w >= outlen - o)
+			break;
+		o += (size_t)w;
+	}
+	for (char *p = out; *p; p++)
+		if (*p >= 'A' && *p <= 'Z')
+			*p = (char)(*p - 'A' + 'a');
 }
 
 /* --- destinations ---------------------------------------------------- */
@@ -461,6 +672,36 @@ sched_retry_delay(const struct relay_config *cfg, int attempts)
 	return (int64_t)d;
 }
 
+/*
+ * sched_grey_delay - when to come back after a greylisting deferral
+ * (RECEIVERS.md 4.3): first max(hint, 5 min) plus up to a minute of
+ * jitter, then 10, 20 and 40 minutes, then the normal schedule. The retry
+ * goes to the same site, from the same sender; the site is not slowed.
+ */
+static int64_t
+sched_grey_delay(const struct relay_config *cfg, const struct env_rcpt *rc,
+    int hint_s)
+{
+	static const int64_t later[] = { 600, 1200, 2400 };
+	uint32_t r = 0;
+	int64_t d;
+
+	RAND_bytes((unsigned char *)&r, sizeof r);
+	if (rc->greylists == 0) {
+		d = hint_s > SCHED_GREY_FIRST_S ? hint_s : SCHED_GREY_FIRST_S;
+		d += (int64_t)(r % (SCHED_GREY_JITTER_S + 1));
+	} else if ((size_t)rc->greylists <= ARRAY_SIZE(later)) {
+		d = later[rc->greylists - 1];
+		if (hint_s > d)
+			d = hint_s;
+	} else {
+		d = sched_retry_delay(cfg, rc->attempts);
+	}
+	if (d < cfg->delivery.min_retry_s)
+		d = cfg->delivery.min_retry_s;
+	return d;
+}
+
 /* sched_reply_text - "550 5.1.1 text" for last_reply and DSNs */
 static void
 sched_reply_text(const struct smtp_reply *r, char *out, size_t outlen)
@@ -573,21 +814,33 @@ sched_on_update(void *arg, int status)
  */
 static enum env_rcpt_state
 sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
-    enum verdict_action a, const struct smtp_reply *r, const char *host,
-    const char *addr, const char *tls, bool *expired)
+    const struct dlv_rcpt_out *o, const char *host, const char *addr,
+    const char *tls, bool *expired, bool *now_again)
 {
 	const struct relay_config *cfg = s->relay->cfg;
 	struct env_rcpt *rc = &m->env.rcpts[ri];
+	const struct smtp_reply *r = &o->reply;
+	enum verdict_action a = o->v.action;
 	int64_t now = time_wall();
 	char text[1100], lv[1200], av[600];
 	const char *status;
+	bool retry = a != VERDICT_OK && a != VERDICT_RCPT_BOUNCE &&
+	    a != VERDICT_MSG_BOUNCE;
+	bool site_signal = retry && (o->v.cls == VERDICT_CLASS_THROTTLE ||
+	    o->v.cls == VERDICT_CLASS_SUSPEND);
 
 	sched_reply_text(r, text, sizeof text);
 	free(rc->last_reply);
 	rc->last_reply = xstrdup(text);
 	rc->updated = now;
-	rc->attempts++;
 	*expired = false;
+	*now_again = false;
+	/* A throttle moves the site, not the message: no attempt counted,
+	 * no retry schedule; it waits in the ready queue for the site. */
+	if (!site_signal)
+		rc->attempts++;
+	if (retry && now - m->env.created >= cfg->delivery.max_queue_lifetime_s)
+		a = VERDICT_RCPT_BOUNCE, *expired = true;
 	switch (a) {
 	case VERDICT_OK:
 		rc->state = ENV_RCPT_SENT;
@@ -599,22 +852,30 @@ sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
 		status = "bounced";
 		break;
 	default:
-		if (now - m->env.created >= cfg->delivery.max_queue_lifetime_s) {
-			rc->state = ENV_RCPT_BOUNCED;
-			*expired = true;
-			status = "expired";
+		if (site_signal) {
+			*now_again = true;
+			status = "throttled";
+		} else if (o->v.cls == VERDICT_CLASS_GREYLIST) {
+			rc->next_attempt = now + sched_grey_delay(cfg, rc,
+			    o->v.hint_s);
+			rc->greylists++;
+			status = "greylisted";
 		} else {
 			rc->next_attempt = now + sched_retry_delay(cfg,
 			    rc->attempts);
 			status = "deferred";
 		}
 	}
+	if (*expired)
+		status = "expired";
 	log_info("%s dlv result rcpt=%s host=%s addr=%s tls=%s status=%s "
-	    "code=%d enh=%s reply=%s delay=%llds attempt=%d", m->id,
+	    "code=%d enh=%s reply=%s delay=%llds attempt=%d class=%s rule=%s",
+	    m->id,
 	    log_value(av, sizeof av, rc->addr), host[0] ? host : "-",
 	    addr[0] ? addr : "-", tls[0] ? "yes" : "no", status, r->code,
 	    r->enh[0] ? r->enh : "-", log_value(lv, sizeof lv, r->text),
-	    (long long)(now - m->env.created), rc->attempts);
+	    (long long)(now - m->env.created), rc->attempts,
+	    verdict_class_name(o->v.cls), o->v.rule ? o->v.rule : "-");
 	return rc->state;
 }
 
@@ -639,11 +900,44 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 	size_t nb = 0, nd = 0;
 
 	snprintf(remote, sizeof remote, "dns; %s", host);
+	bool any_ok = false, throttled = false, suspended = false;
+	int hint = 0;
+	const struct smtp_reply *sig_reply = NULL;
+
+	for (size_t i = 0; i < it->n; i++) {
+		const struct verdict *v = &out[i].v;
+
+		if (v->action == VERDICT_OK)
+			any_ok = true;
+		else if (v->cls == VERDICT_CLASS_THROTTLE && !throttled) {
+			throttled = true;
+			hint = v->hint_s;
+			sig_reply = &out[i].reply;
+		} else if (v->cls == VERDICT_CLASS_SUSPEND && !suspended &&
+		    !throttled) {
+			suspended = true;
+			hint = v->hint_s > v->suspend_s ? v->hint_s : v->suspend_s;
+			sig_reply = &out[i].reply;
+		}
+	}
+	if (it->dest->site && host[0]) {
+		struct sched_site *ss = it->dest->site;
+		char st[1100] = "";
+		unsigned fx;
+
+		if (sig_reply)
+			sched_reply_text(sig_reply, st, sizeof st);
+		fx = site_report(ss->site, throttled ? SITE_SIG_THROTTLE :
+		    suspended ? SITE_SIG_SUSPEND : SITE_SIG_OK, time_wall_ms(),
+		    hint, sig_reply ? st : NULL);
+		if (throttled || suspended || any_ok)
+			sched_site_fx(s, ss, fx, sig_reply ? st : NULL);
+	}
 	for (size_t i = 0; i < it->n; i++) {
 		size_t ri = it->idx[i];
-		bool expired;
-		enum env_rcpt_state st = sched_outcome(s, m, ri, out[i].v.action,
-		    &out[i].reply, host, addr, tls, &expired);
+		bool expired, now_again;
+		enum env_rcpt_state st = sched_outcome(s, m, ri, &out[i], host,
+		    addr, tls, &expired, &now_again);
 
 		if (st == ENV_RCPT_BOUNCED) {
 			char t[1100];
@@ -679,10 +973,14 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 			}
 			if (again == NULL)
 				again = sched_item_new(m, it->dest,
-				    m->env.rcpts[ri].next_attempt, it->n);
+				    now_again ? 0 : m->env.rcpts[ri].next_attempt,
+				    it->n);
 			again->idx[again->n++] = ri;
-			if (m->env.rcpts[ri].next_attempt < again->due)
+			if (!now_again && m->env.rcpts[ri].next_attempt <
+			    again->due)
 				again->due = m->env.rcpts[ri].next_attempt;
+			if (now_again)
+				again->due = 0;
 		}
 	}
 	/* The bounce is queued before the state that caused it is saved:
@@ -760,6 +1058,12 @@ sched_on_dns(void *arg, const struct dns_mx_result *res)
 			str_copy(dh->name, h->name, sizeof dh->name);
 			memcpy(&dh->addr, &h->addrs[j], sizeof dh->addr);
 		}
+	}
+	{
+		char name[512];
+
+		sched_site_name(res, d->domain, name, sizeof name);
+		d->site = sched_site_get(s, name);
 	}
 	d->hosts_expire = res->expires_ms;
 	if (d->hosts_expire <= uv_now(s->loop))
@@ -863,9 +1167,39 @@ sched_kick(struct sched_dest *d)
 		sched_hold(s, d);
 		return;
 	}
+	if (d->nwaiting > 0) {
+		/* Sessions idling for a rate token go first. */
+		struct sched_conn *sc, *sn;
+
+		for (sc = LIST_FIRST(&s->conns); sc; sc = sn) {
+			sn = LIST_NEXT(sc, entry);
+			if (sc->dest == d && sc->waiting)
+				dlv_session_poke(sc->dlv);
+		}
+		if (d->nwaiting > 0 || d->nready == 0)
+			return;
+	}
 	if (d->conn_limit > cfg->delivery.max_connections_per_domain)
 		d->conn_limit = cfg->delivery.max_connections_per_domain;
 	while (d->nready > 0 && d->active < d->conn_limit) {
+		if (d->site) {
+			int64_t now = time_wall_ms(), next;
+			unsigned lim = site_may_connect(d->site->site,
+			    d->site->active, now, &next);
+
+			if (lim) {
+				/* The site says not now: until a time, or until
+				 * one of its sessions ends. */
+				if (next != SITE_NEVER) {
+					d->hold_until = uv_now(s->loop) +
+					    (uint64_t)(next > now ? next - now : 0);
+					sched_hold(s, d);
+				} else {
+					sched_starve(s, d);
+				}
+				return;
+			}
+		}
 		if (s->active >= cfg->delivery.max_connections) {
 			/* The global cap: wait for any session to end. */
 			sched_starve(s, d);
@@ -928,6 +1262,11 @@ sched_kick(struct sched_dest *d)
 		sc = xcalloc(1, sizeof *sc);
 		sc->sched = s;
 		sc->dest = d;
+		sc->site = d->site;
+		if (sc->site)
+			sc->site->active++;
+		sc->cfg = config_ref(s->relay->cfg);
+		t.rules = &sc->cfg->reply_rules;
 		d->active++;
 		s->active++;
 		LIST_INSERT_HEAD(&s->conns, sc, entry);
@@ -980,7 +1319,29 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 	struct sched_dest *d = sc->dest;
 	struct sched_item *it;
 	struct dlv_txn *t = &sc->txn;
+	int64_t now = time_wall_ms(), next;
 	int rc;
+
+	if (TAILQ_EMPTY(&d->ready) || sc->sched->stopping)
+		goto none;
+	if (d->site && !site_take_token(d->site->site, now, &next)) {
+		/* Over the site's message rate: idle on this connection
+		 * until the token is due rather than reconnecting later. */
+		if (!sc->waiting) {
+			sc->waiting = true;
+			d->nwaiting++;
+		}
+		if (next != SITE_NEVER) {
+			d->hold_until = uv_now(sc->sched->loop) +
+			    (uint64_t)(next > now ? next - now : 0);
+			sched_hold(sc->sched, d);
+		}
+		return DLV_TXN_WAIT;
+	}
+	if (sc->waiting) {
+		sc->waiting = false;
+		d->nwaiting--;
+	}
 
 	while ((it = TAILQ_FIRST(&d->ready)) != NULL && !sc->sched->stopping) {
 		TAILQ_REMOVE(&d->ready, it, entry);
@@ -1012,6 +1373,11 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 		sc->item = it;
 		return t;
 	}
+none:
+	if (sc->waiting) {
+		sc->waiting = false;
+		d->nwaiting--;
+	}
 	return NULL;
 }
 
@@ -1036,12 +1402,32 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	struct sched_conn *sc = arg;
 	struct sched *s = sc->sched;
 	struct sched_dest *d = sc->dest;
+	struct sched_site *ss = sc->site;
 	bool tried = sc->tried;
 
 	sched_uncharge(sc);
+	if (sc->waiting)
+		d->nwaiting--;
+	if (ss) {
+		ss->active--;
+		/* No transaction at all: the host refused to talk. A 421
+		 * greeting is the receiver asking for calm (RECEIVERS 2). */
+		if (delivered == 0 && tried && !s->stopping) {
+			char text[1100];
+			unsigned fx;
+
+			sched_reply_text(last, text, sizeof text);
+			fx = site_report(ss->site, last->code == 421 ?
+			    SITE_SIG_THROTTLE : SITE_SIG_CONN_FAIL,
+			    time_wall_ms(), last->code == 421 ?
+			    verdict_hint_seconds(last->text) : 0, text);
+			sched_site_fx(s, ss, fx, text);
+		}
+	}
+	config_unref(sc->cfg);
+	LIST_REMOVE(sc, entry);
 	d->active--;
 	s->active--;
-	LIST_REMOVE(sc, entry);
 	free(sc);
 	/*
 	 * No host could take anything and nobody else is delivering there:
@@ -1090,6 +1476,55 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	}
 }
 
+/* --- relayctl -------------------------------------------------------- */
+
+/* sched_site_waiting - ready recipients of destinations on that site */
+static size_t
+sched_site_waiting(const struct sched *s, const struct sched_site *ss)
+{
+	size_t n = 0;
+
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
+		for (const struct sched_dest *d = s->dests[b]; d; d = d->hnext)
+			if (d->site == ss)
+				n += d->nready;
+	return n;
+}
+
+void
+sched_sites_report(struct sched *s, struct buf *out, bool json)
+{
+	int64_t now = time_wall_ms();
+	bool first = true;
+
+	if (json)
+		buf_puts(out, "{\"sites\": [");
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++) {
+		for (struct sched_site *ss = s->sites[b]; ss; ss = ss->hnext) {
+			size_t waiting = sched_site_waiting(s, ss);
+
+			if (json) {
+				buf_puts(out, first ? "\n  {\"state\": " :
+				    ",\n  {\"state\": ");
+				site_to_json(ss->site, now, out);
+				buf_printf(out, ", \"sessions\": %d, "
+				    "\"waiting\": %zu}", ss->active, waiting);
+			} else {
+				buf_printf(out, "%s\n  sessions=%d waiting=%zu ",
+				    site_name(ss->site), ss->active, waiting);
+				site_to_text(ss->site, out);
+				buf_puts(out, "\n");
+			}
+			first = false;
+		}
+	}
+	if (json)
+		buf_puts(out, first ? "]}\n" : "\n]}\n");
+	else if (first)
+		buf_puts(out, "no sites yet (a site appears once a destination "
+		    "has been resolved)\n");
+}
+
 /* --- life cycle -------------------------------------------------------- */
 
 int
@@ -1130,6 +1565,10 @@ sched_new(struct relay *r, struct sched **out, char *err, size_t errlen)
 	uv_timer_init(r->loop, &s->hold_timer);
 	s->hold_timer.data = s;
 	TAILQ_INIT(&s->held);
+	uv_timer_init(r->loop, &s->save_timer);
+	s->save_timer.data = s;
+	s->state_path = xasprintf("%s/sites.state", cfg->spool_dir);
+	sched_site_load(s);
 	*out = s;
 	spool_foreach(r->spool, sched_load_one, s);
 	log_info("sched started waiting=%zu", s->nheap);
@@ -1144,6 +1583,15 @@ sched_reload(struct sched *s, const struct relay_config *cfg)
 	 * sessions hold their own reference). */
 	SSL_CTX_free(s->verify_tls);
 	s->verify_tls = NULL;
+	{
+		struct site_limits lim;
+
+		sched_site_limits(cfg, &lim);
+		for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
+			for (struct sched_site *ss = s->sites[b]; ss;
+			    ss = ss->hnext)
+				site_set_limits(ss->site, &lim, time_wall_ms());
+	}
 	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
 		for (struct sched_dest *d = s->dests[b]; d; d = d->hnext)
 			sched_kick(d);
@@ -1159,6 +1607,9 @@ sched_stop(struct sched *s)
 	s->stopping = true;
 	uv_timer_stop(&s->timer);
 	uv_timer_stop(&s->hold_timer);
+	/* What the sites learned survives the restart (RECEIVERS 4). */
+	uv_timer_stop(&s->save_timer);
+	sched_site_save(s);
 	LIST_FOREACH(sc, &s->conns, entry)
 		dlv_session_abort(sc->dlv);
 }
@@ -1194,8 +1645,18 @@ sched_free(struct sched *s)
 	SSL_CTX_free(s->client_tls);
 	SSL_CTX_free(s->verify_tls);
 	addrmap_free(s->hosts);
-	/* Two handles; whichever close callback runs last frees s. */
-	s->pending_closes = 2;
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++) {
+		struct sched_site *ss = s->sites[b], *n;
+		for (; ss; ss = n) {
+			n = ss->hnext;
+			site_free(ss->site);
+			free(ss);
+		}
+	}
+	free(s->state_path);
+	/* Three handles; whichever close callback runs last frees s. */
+	s->pending_closes = 3;
+	uv_close((uv_handle_t *)&s->save_timer, sched_on_timer_closed);
 	uv_close((uv_handle_t *)&s->hold_timer, sched_on_timer_closed);
 	uv_close((uv_handle_t *)&s->timer, sched_on_timer_closed);
 }

@@ -41,6 +41,12 @@ void sched_reload(struct sched *s, const struct relay_config *cfg);
 /* sched_stop - stop starting work, abort sessions (their txns are retried) */
 void sched_stop(struct sched *s);
 
+/*
+ * sched_sites_report - the sites for relayctl: limits against ceilings,
+ * mode, suspension, last throttle reply, sessions and messages waiting.
+ */
+void sched_sites_report(struct sched *s, struct buf *out, bool json);
+
 /* sched_busy - sessions or spool updates still outstanding */
 bool sched_busy(const struct sched *s);
 

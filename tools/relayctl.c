@@ -2,6 +2,7 @@
  * relayctl - the operator's command line for relayd.
  *
  *   relayctl [-s socket | -c config | -d] queue [--json]
+ *   relayctl [-s socket | -c config | -d] sites [--json]
  *   relayctl [-s socket | -c config | -d] status
  *
  * It speaks only the control protocol (relay/control.h): one request line
@@ -33,6 +34,7 @@ usage(void)
 	    "usage: relayctl [-s socket | -c config | -d] command\n"
 	    "commands:\n"
 	    "  queue [--json]   list queued messages and their recipients\n"
+	    "  sites [--json]   delivery sites: adaptive limits, mode, last throttle\n"
 	    "  status           daemon counters (JSON)\n");
 	exit(EX_USAGE_);
 }
@@ -140,6 +142,14 @@ main(int argc, char **argv)
 				usage();
 		}
 		rc = ctl_request(path, json ? "queue json" : "queue");
+	} else if (strcmp(argv[0], "sites") == 0) {
+		for (int i = 1; i < argc; i++) {
+			if (strcmp(argv[i], "--json") == 0)
+				json = true;
+			else
+				usage();
+		}
+		rc = ctl_request(path, json ? "sites json" : "sites");
 	} else if (strcmp(argv[0], "status") == 0 && argc == 1) {
 		rc = ctl_request(path, "status json");
 	} else {

@@ -914,7 +914,8 @@ def test_relayctl_queue_and_status():
 def test_control_socket_protocol():
     with RelayD() as d:
         eq(d.control("bogus"), "error: unknown request (try: queue, "
-           "queue json, status json)\n", "unknown request")
+           "queue json, sites, sites json, status json)\n",
+           "unknown request")
         check(json.loads(d.control("queue json\r"))["count"] == 0, "CRLF")
         # Oversized request without a newline: dropped, daemon fine.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -46,6 +46,7 @@ fill_full(struct envelope *env)
 	r->updated = 1732425999;
 	r->notify = ENV_NOTIFY_NEVER;
 	r->warned = true;
+	r->greylists = 2;
 	r = envelope_add_rcpt(env, "c@example.org");
 	r->state = ENV_RCPT_BOUNCED;
 	r->last_reply = xstrdup("");
@@ -89,6 +90,7 @@ assert_env_equal(const struct envelope *a, const struct envelope *b)
 		ASSERT_EQ(x->next_attempt, y->next_attempt);
 		ASSERT_EQ(x->updated, y->updated);
 		ASSERT_EQ(x->warned, y->warned);
+		ASSERT_EQ(x->greylists, y->greylists);
 		assert_str_same(x->last_reply, y->last_reply);
 	}
 }
