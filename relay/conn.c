@@ -468,24 +468,32 @@ conn_flush(struct conn *c)
 	conn_send_cipher(c);
 }
 
-/* conn_send_raw - one uv_write that owns a copy of the bytes */
+/* conn_submit - hand w (filled, w->len set) to uv_write; it owns w now */
 static int
-conn_send_raw(struct conn *c, const void *data, size_t len)
+conn_submit(struct conn *c, struct conn_wreq *w)
 {
-	struct conn_wreq *w;
-	uv_buf_t ub;
+	uv_buf_t ub = uv_buf_init(w->data, (unsigned int)w->len);
 	int rc;
 
-	w = xmalloc(sizeof *w + len);
-	w->len = len;
-	memcpy(w->data, data, len);
-	ub = uv_buf_init(w->data, (unsigned int)len);
 	if ((rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &ub, 1,
 	    conn_on_write_done)) < 0) {
 		free(w);
 		conn_close(c, uv_err_name(rc));
-		return rc;
 	}
+	return rc;
+}
+
+/* conn_send_raw - one uv_write that owns a copy of the bytes */
+static int
+conn_send_raw(struct conn *c, const void *data, size_t len)
+{
+	struct conn_wreq *w = xmalloc(sizeof *w + len);
+	int rc;
+
+	w->len = len;
+	memcpy(w->data, data, len);
+	if ((rc = conn_submit(c, w)) < 0)
+		return rc;
 	conn_after_write(c);
 	return 0;
 }
@@ -495,20 +503,14 @@ static int
 conn_send_cipher(struct conn *c)
 {
 	size_t n;
+	int rc;
 
 	while ((n = tls_pump_pending(&c->tls)) > 0) {
 		struct conn_wreq *w = xmalloc(sizeof *w + n);
-		uv_buf_t ub;
-		int rc;
 
 		w->len = tls_pump_take(&c->tls, w->data, n);
-		ub = uv_buf_init(w->data, (unsigned int)w->len);
-		if ((rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &ub, 1,
-		    conn_on_write_done)) < 0) {
-			free(w);
-			conn_close(c, uv_err_name(rc));
+		if ((rc = conn_submit(c, w)) < 0)
 			return rc;
-		}
 	}
 	conn_after_write(c);
 	return 0;
