@@ -4,7 +4,8 @@
  * SUMMARY
  *	config_load(), config_load_string(), config_ref(), config_unref(),
  *	config_net_match(), config_user_find(), config_tls_policy(),
- *	config_regex_compile(), config_class_name()
+ *	config_regex_compile(), config_class_name(),
+ *	config_shape_provider(), config_shape_for()
  * DESCRIPTION
  *	libconfig only parses; this file owns the schema. Every value is
  *	checked (type, range, syntax) and copied into a struct relay_config,
@@ -33,6 +34,18 @@
  *	(verdict.c sets a match limit) and speaks the Perl dialect operators
  *	already use in MTA rule files. POSIX regcomp(3) has none of that and
  *	its behaviour on bad UTF-8 depends on the locale.
+ *
+ *	shaping holds the static limits of destinations (relay/site.h
+ *	ceilings and floors, session limits, TLS): shaping.default, providers
+ *	(MX host name suffixes: every MX host of one provider is one site)
+ *	and domains. Built-in providers (cfg_builtin_providers[], the figures
+ *	of RECEIVERS.md 4.4) are merged with the file's by name, field by
+ *	field; a provider or domain entry records which fields it set
+ *	(struct cfg_shape.set) and inherits the rest when looked up, so a
+ *	later change of shaping.default reaches them. Unset fields of
+ *	shaping.default come from delivery.max_connections_per_domain,
+ *	max_messages_per_connection and max_recipients_per_transaction, which
+ *	keeps older files meaning what they meant.
  *
  *	Error policy: the first problem wins. Its text goes into the caller's
  *	err buffer as "file:line: message" and the function returns
@@ -71,6 +84,11 @@
 #define CFG_MAX_RETRIES	32	/* retry_schedule entries */
 #define CFG_MAX_TLS_POLICIES 10000	/* tls_policies entries */
 #define CFG_MAX_REPLY_RULES 10000	/* reply_rules entries, tried in turn */
+#define CFG_MAX_PROVIDERS 256	/* shaping.providers, built-ins included */
+#define CFG_MAX_SUFFIXES 32	/* mx_suffixes of one provider */
+#define CFG_MAX_SHAPE_DOMAINS 10000	/* shaping.domains entries */
+/* Fastest rate: site.c's cap of 1e6 msgs/s, per hour as CFG_K_RATE ranges. */
+#define CFG_MAX_RATE_H	(1000000LL * 3600)
 /*
  * Compile options of every classifier regex: case does not matter in
  * reply texts; MATCH_INVALID_UTF implies UTF and lets a subject with
@@ -107,6 +125,8 @@ enum cfg_kind {
 	CFG_K_CLASS,	/* int enum cfg_class from its name, not "ok" */
 	CFG_K_PHASES,	/* unsigned mask of 1u << enum cfg_phase from a
 			   phase name or an array of them; "any" = all */
+	CFG_K_RATE,	/* double per second from "N/s", "N/min" or "N/h";
+			   lo..hi per hour */
 };
 
 /* One schema entry: a key inside a scope, stored at base + off. */
@@ -123,6 +143,32 @@ struct cfg_key {
 #define US(m)	offsetof(struct cfg_user, m)
 #define TP(m)	offsetof(struct cfg_tls_policy, m)
 #define RR(m)	offsetof(struct cfg_reply_rule, m)
+#define SH(m)	offsetof(struct cfg_shape, m)
+#define PV(m)	offsetof(struct cfg_provider, m)
+#define DS(m)	offsetof(struct cfg_domain_shape, m)
+
+/*
+ * The keys of a struct cfg_shape at offset at of the scope's base: the
+ * same in shaping.default, shaping.providers and shaping.domains. Which
+ * of them a group gave is read back through cfg_shape_bits[].
+ */
+#define CFG_SHAPE_KEYS(scope, at) \
+	{ scope, "max_connections", CFG_K_INT, 1, 10000, \
+	    (at) + SH(max_conn) }, \
+	/* At most max_connections, checked after the walk. */ \
+	{ scope, "min_connections", CFG_K_INT, 1, 10000, \
+	    (at) + SH(min_conn) }, \
+	{ scope, "max_messages_per_connection", CFG_K_INT, 1, 100000, \
+	    (at) + SH(max_msgs_per_conn) }, \
+	{ scope, "max_recipients_per_transaction", CFG_K_INT, 1, 100000, \
+	    (at) + SH(max_rcpts_per_txn) }, \
+	{ scope, "rate", CFG_K_RATE, 1, CFG_MAX_RATE_H, (at) + SH(rate) }, \
+	/* At most rate, checked after the walk. */ \
+	{ scope, "min_rate", CFG_K_RATE, 1, CFG_MAX_RATE_H, \
+	    (at) + SH(min_rate) }, \
+	{ scope, "connection_rate", CFG_K_RATE, 1, CFG_MAX_RATE_H, \
+	    (at) + SH(conn_rate) }, \
+	{ scope, "tls", CFG_K_DLV_TLS, 0, 0, (at) + SH(tls) }
 
 static const struct cfg_key cfg_keys[] = {
 	{ NULL, "hostname", CFG_K_STR, 0, 0, RC(hostname) },
@@ -139,6 +185,7 @@ static const struct cfg_key cfg_keys[] = {
 	{ NULL, "dns", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "delivery", CFG_K_GROUP, 0, 0, 0 },
 	{ NULL, "reply_rules", CFG_K_OTHER, 0, 0, 0 },
+	{ NULL, "shaping", CFG_K_GROUP, 0, 0, 0 },
 	{ "control", "socket", CFG_K_STR, 0, 0, RC(control_socket) },
 	{ "control", "mode", CFG_K_MODE, 0, 0777, RC(control_mode) },
 	{ "tls", "certificate", CFG_K_STR, 0, 0, RC(tls_cert) },
@@ -248,6 +295,64 @@ static const struct cfg_key cfg_keys[] = {
 	{ "reply_rules", "class", CFG_K_CLASS, 0, 0, RR(cls) },
 	{ "reply_rules", "suspend", CFG_K_SEC, 1000, CFG_DAY_MS,
 	    RR(suspend_s) },
+	{ "shaping", "default", CFG_K_GROUP, 0, 0, 0 },
+	{ "shaping", "builtin_providers", CFG_K_BOOL, 0, 0,
+	    RC(shaping.builtin_providers) },
+	{ "shaping", "providers", CFG_K_OTHER, 0, 0, 0 },
+	{ "shaping", "domains", CFG_K_OTHER, 0, 0, 0 },
+	CFG_SHAPE_KEYS("shaping.default", RC(shaping.dflt)),
+	/* Names and suffixes are checked after the walk. */
+	{ "shaping.providers", "name", CFG_K_STR, 0, 0, PV(name) },
+	{ "shaping.providers", "mx_suffixes", CFG_K_OTHER, 0, 0, 0 },
+	CFG_SHAPE_KEYS("shaping.providers", PV(shape)),
+	{ "shaping.domains", "domain", CFG_K_STR, 0, 0, DS(domain) },
+	{ "shaping.domains", "rollup", CFG_K_BOOL, 0, 0, DS(rollup) },
+	CFG_SHAPE_KEYS("shaping.domains", DS(shape)),
+};
+
+/* The CFG_SHAPE_KEYS names and the struct cfg_shape.set bit of each. */
+static const struct {
+	const char *key;
+	unsigned int bit;
+} cfg_shape_bits[] = {
+	{ "max_connections", CFG_SHAPE_MAX_CONN },
+	{ "min_connections", CFG_SHAPE_MIN_CONN },
+	{ "max_messages_per_connection", CFG_SHAPE_MSGS },
+	{ "max_recipients_per_transaction", CFG_SHAPE_RCPTS },
+	{ "rate", CFG_SHAPE_RATE },
+	{ "min_rate", CFG_SHAPE_MIN_RATE },
+	{ "connection_rate", CFG_SHAPE_CONN_RATE },
+	{ "tls", CFG_SHAPE_TLS },
+};
+
+/*
+ * Built-in providers: KumoMTA's shaping.toml figures as collected in
+ * RECEIVERS.md 4.4 "Provider limits" (connections per provider, messages
+ * per connection, TLS), plus Comcast's postmaster page (25 simultaneous
+ * connections per IP). A field left 0 (tls -1) is inherited from
+ * shaping.default. The file's shaping.providers entries of the same name
+ * override them field by field (relay.conf.example shows them).
+ */
+static const struct {
+	const char *name;
+	const char *suffixes[4];	/* NULL-terminated if shorter */
+	int max_conn;			/* 0 = inherit */
+	int max_msgs_per_conn;		/* 0 = inherit */
+	int tls;			/* enum cfg_dlv_tls, -1 = inherit */
+} cfg_builtin_providers[] = {
+	/* Gmail and Workspace: one provider; TLS required. */
+	{ "google", { ".google.com", ".googlemail.com",
+	    ".aspmx.l.google.com" }, 5, 50, CFG_DLV_TLS_REQUIRED },
+	/* "Provided by Yahoo directly" (AOL shares the MX hosts). */
+	{ "yahoo", { ".yahoodns.net" }, 0, 20, -1 },
+	/* Outlook.com, Office 365 and the newer mx.microsoft hosts. */
+	{ "microsoft", { ".outlook.com", ".protection.outlook.com",
+	    ".mx.microsoft" }, 5, 50, -1 },
+	{ "comcast", { ".comcast.net" }, 25, 1000, CFG_DLV_TLS_REQUIRED },
+	{ "apple", { ".icloud.com", ".me.com", ".mail.icloud.com" }, 10, 5,
+	    -1 },
+	{ "orange", { ".orange.fr", ".wanadoo.fr" }, 2, 100,
+	    CFG_DLV_TLS_REQUIRED },
 };
 
 static const char *const cfg_tls_names[] = {
@@ -356,6 +461,34 @@ static int cfg_parse_rule(struct cfg_parse *, const config_setting_t *,
     size_t);
 static bool cfg_code_valid(char *);
 static bool cfg_enh_valid(const char *);
+static const struct cfg_tls_policy *cfg_tls_policy_find(
+    const struct relay_config *, const char *);
+static int cfg_check_ca_file(struct cfg_parse *, const config_setting_t *,
+    const config_setting_t *);
+static bool cfg_rate_parse(const char *, double *);
+static unsigned int cfg_shape_given(const config_setting_t *);
+static void cfg_shape_over(struct cfg_shape *, const struct cfg_shape *);
+static void cfg_shape_clamp(struct cfg_shape *);
+static int cfg_shape_check(struct cfg_parse *, const config_setting_t *,
+    struct cfg_shape *);
+static void cfg_lower(char *);
+static void cfg_provider_free(struct cfg_provider *);
+static void cfg_builtin_add(struct relay_config *);
+static int cfg_parse_shaping(struct cfg_parse *, const config_setting_t *);
+static int cfg_parse_providers(struct cfg_parse *, const config_setting_t *,
+    const config_setting_t **);
+static int cfg_parse_provider(struct cfg_parse *, const config_setting_t *,
+    struct cfg_provider *, bool *);
+static int cfg_parse_suffixes(struct cfg_parse *, const config_setting_t *,
+    struct cfg_provider *);
+static int cfg_check_suffixes(struct cfg_parse *,
+    const config_setting_t *const *);
+static int cfg_parse_shape_domains(struct cfg_parse *,
+    const config_setting_t *);
+static int cfg_check_shape_ca(struct cfg_parse *, const config_setting_t *,
+    const config_setting_t *, const config_setting_t *const *,
+    const config_setting_t *);
+static size_t cfg_suffix_match(const char *, size_t, const char *);
 
 /* cfg_fail - format "file:line: message" into the caller's buffer */
 static int
@@ -541,6 +674,19 @@ cfg_new(void)
 	cfg->delivery.timeout_ms[CFG_PHASE_DOT] = 600 * 1000;
 	cfg->delivery.timeout_ms[CFG_PHASE_RSET] = 60 * 1000;
 	cfg->delivery.timeout_ms[CFG_PHASE_QUIT] = 60 * 1000;
+	/*
+	 * KumoMTA's default shaping (100 msgs/s, 100 connections/min) and
+	 * site.c's floors (1 connection, 1 msg/min). The connection and
+	 * per-connection ceilings follow delivery.* unless shaping.default
+	 * sets them (cfg_parse_shaping()); the built-in providers are added
+	 * there too, once builtin_providers is known.
+	 */
+	cfg->shaping.dflt.min_conn = 1;
+	cfg->shaping.dflt.rate = 100.0;
+	cfg->shaping.dflt.min_rate = 1.0 / 60.0;
+	cfg->shaping.dflt.conn_rate = 100.0 / 60.0;
+	cfg->shaping.dflt.tls = -1;
+	cfg->shaping.builtin_providers = true;
 	return cfg;
 }
 
@@ -580,6 +726,12 @@ cfg_free(struct relay_config *cfg)
 		pcre2_code_free(r->re);
 	}
 	free(cfg->reply_rules.v);
+	for (i = 0; i < cfg->shaping.nproviders; i++)
+		cfg_provider_free(&cfg->shaping.providers[i]);
+	free(cfg->shaping.providers);
+	for (i = 0; i < cfg->shaping.ndomains; i++)
+		free(cfg->shaping.domains[i].domain);
+	free(cfg->shaping.domains);
 	free(cfg->path);
 	free(cfg->hostname);
 	free(cfg->spool_dir);
@@ -675,11 +827,20 @@ config_user_find(const struct relay_config *cfg, const char *name)
 int
 config_tls_policy(const struct relay_config *cfg, const char *domain)
 {
+	const struct cfg_tls_policy *tp = cfg_tls_policy_find(cfg, domain);
+
+	return tp != NULL ? tp->tls : cfg->delivery.tls;
+}
+
+/* cfg_tls_policy_find - config_tls_policy()'s entry, or NULL: none matched */
+static const struct cfg_tls_policy *
+cfg_tls_policy_find(const struct relay_config *cfg, const char *domain)
+{
 	const struct cfg_tls_policy *best = NULL;
 	size_t i, dlen, plen, blen = 0;
 
 	if (domain == NULL)
-		return cfg->delivery.tls;
+		return NULL;
 	dlen = strlen(domain);
 	/* A linear scan: few entries, and no allocation per delivery. */
 	for (i = 0; i < cfg->delivery.ntls_policies; i++) {
@@ -688,7 +849,7 @@ config_tls_policy(const struct relay_config *cfg, const char *domain)
 
 		if (!tp->subdomains) {
 			if (str_ieq(tp->domain, domain))
-				return tp->tls;
+				return tp;
 			continue;
 		}
 		/* "a.example.org" is below "example.org"; it is not. */
@@ -700,7 +861,7 @@ config_tls_policy(const struct relay_config *cfg, const char *domain)
 			blen = plen;
 		}
 	}
-	return best != NULL ? best->tls : cfg->delivery.tls;
+	return best;
 }
 
 /* cfg_default_hostname - gethostname(), or "localhost" if it is unusable */
@@ -1010,6 +1171,17 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 				return rc;
 		}
 		return 0;
+	case CFG_K_RATE:
+		/* ms is messages per hour here, as are lo and hi. */
+		if (v == NULL || !cfg_rate_parse(v, &ms))
+			return cfg_fail(p, s, "'%s' must be a rate \"N/s\", "
+			    "\"N/min\" or \"N/h\" with N a positive number, "
+			    "such as \"100/s\" or \"20/min\"", k->key);
+		if (!(ms >= (double)k->lo && ms <= (double)k->hi))
+			return cfg_fail(p, s, "'%s' must be between %lld/h and "
+			    "%lld/s", k->key, k->lo, k->hi / 3600);
+		*(double *)dst = ms / 3600.0;
+		return 0;
 	}
 	/* Only a new kind added to the table without a case gets here. */
 	relay_panic("cfg_value: kind %d", (int)k->kind);
@@ -1074,6 +1246,9 @@ cfg_parse_root(struct cfg_parse *p, const config_setting_t *root)
 		return rc;
 	if ((rc = cfg_seq(p, root, "reply_rules", &s)) < 0 ||
 	    (s != NULL && (rc = cfg_parse_rules(p, s)) < 0))
+		return rc;
+	/* After delivery: its limits are shaping.default's defaults. */
+	if ((rc = cfg_parse_shaping(p, root)) < 0)
 		return rc;
 
 	/*
@@ -1317,11 +1492,8 @@ cfg_check_ca(struct cfg_parse *p, const config_setting_t *g,
     const config_setting_t *list)
 {
 	struct relay_config *cfg = p->cfg;
-	const config_setting_t *at = NULL, *ca;
-	const char *why = NULL;
-	struct stat st;
+	const config_setting_t *at = NULL;
 	size_t i;
-	int fd;
 
 	if (cfg->delivery.tls == CFG_DLV_TLS_VERIFY)
 		at = config_setting_get_member(g, "tls");
@@ -1335,6 +1507,24 @@ cfg_check_ca(struct cfg_parse *p, const config_setting_t *g,
 		at = config_setting_get_member(config_setting_get_elem(list,
 		    (unsigned int)i), "tls");
 	}
+	return cfg_check_ca_file(p, g, at);
+}
+
+/*
+ * cfg_check_ca_file - delivery.ca_file must be a readable regular file,
+ * since the setting at (a tls = "verify"; may be NULL) needs it. g is the
+ * delivery group (may be NULL).
+ */
+static int
+cfg_check_ca_file(struct cfg_parse *p, const config_setting_t *g,
+    const config_setting_t *at)
+{
+	struct relay_config *cfg = p->cfg;
+	const config_setting_t *ca;
+	const char *why = NULL;
+	struct stat st;
+	int fd;
+
 	/* O_NONBLOCK: a FIFO given by mistake must not hang the load. */
 	fd = open(cfg->delivery.ca_file, O_RDONLY | O_NONBLOCK | O_NOCTTY |
 	    O_CLOEXEC);
@@ -1832,4 +2022,608 @@ cfg_parse_servers(struct cfg_parse *p, const config_setting_t *list)
 		cfg->dns.nservers = i + 1;
 	}
 	return 0;
+}
+
+/*
+ * cfg_rate_parse - "N/s", "N/min" or "N/h", N digits with an optional
+ * fraction ("0.5/s"), into messages per hour; false for anything else.
+ * No sign, space, exponent or empty part: strtod would take all those.
+ */
+static bool
+cfg_rate_parse(const char *v, double *per_h)
+{
+	char num[32];
+	const char *slash = strchr(v, '/');
+	size_t i, n, dots = 0;
+	double x;
+
+	if (slash == NULL || (n = (size_t)(slash - v)) == 0 ||
+	    n >= sizeof num)
+		return false;
+	for (i = 0; i < n; i++) {
+		if (v[i] == '.') {
+			/* "1.", ".5" and "1.2.3" are not numbers we write. */
+			if (++dots > 1 || i == 0 || i == n - 1)
+				return false;
+		} else if (v[i] < '0' || v[i] > '9')
+			return false;
+	}
+	memcpy(num, v, n);
+	num[n] = '\0';
+	x = strtod(num, NULL);
+	if (!(x > 0))
+		return false;
+	/* Multiplied, not divided, so that "1/h" is exactly 1 per hour. */
+	if (strcmp(slash + 1, "s") == 0)
+		*per_h = x * 3600.0;
+	else if (strcmp(slash + 1, "min") == 0)
+		*per_h = x * 60.0;
+	else if (strcmp(slash + 1, "h") == 0)
+		*per_h = x;
+	else
+		return false;
+	return true;
+}
+
+/* cfg_shape_given - the CFG_SHAPE_* keys group g (may be NULL) holds */
+static unsigned int
+cfg_shape_given(const config_setting_t *g)
+{
+	unsigned int set = 0;
+	size_t i;
+
+	for (i = 0; g != NULL && i < ARRAY_SIZE(cfg_shape_bits); i++)
+		if (config_setting_get_member(g, cfg_shape_bits[i].key) !=
+		    NULL)
+			set |= cfg_shape_bits[i].bit;
+	return set;
+}
+
+/* cfg_shape_over - copy the fields set in src over dst, adding to dst->set */
+static void
+cfg_shape_over(struct cfg_shape *dst, const struct cfg_shape *src)
+{
+	if (src->set & CFG_SHAPE_MAX_CONN)
+		dst->max_conn = src->max_conn;
+	if (src->set & CFG_SHAPE_MIN_CONN)
+		dst->min_conn = src->min_conn;
+	if (src->set & CFG_SHAPE_MSGS)
+		dst->max_msgs_per_conn = src->max_msgs_per_conn;
+	if (src->set & CFG_SHAPE_RCPTS)
+		dst->max_rcpts_per_txn = src->max_rcpts_per_txn;
+	if (src->set & CFG_SHAPE_RATE)
+		dst->rate = src->rate;
+	if (src->set & CFG_SHAPE_MIN_RATE)
+		dst->min_rate = src->min_rate;
+	if (src->set & CFG_SHAPE_CONN_RATE)
+		dst->conn_rate = src->conn_rate;
+	if (src->set & CFG_SHAPE_TLS)
+		dst->tls = src->tls;
+	dst->set |= src->set;
+}
+
+/* cfg_shape_clamp - floors set above their set ceilings come down to them */
+static void
+cfg_shape_clamp(struct cfg_shape *sh)
+{
+	if ((sh->set & (CFG_SHAPE_MIN_CONN | CFG_SHAPE_MAX_CONN)) ==
+	    (CFG_SHAPE_MIN_CONN | CFG_SHAPE_MAX_CONN) &&
+	    sh->min_conn > sh->max_conn)
+		sh->min_conn = sh->max_conn;
+	if ((sh->set & (CFG_SHAPE_MIN_RATE | CFG_SHAPE_RATE)) ==
+	    (CFG_SHAPE_MIN_RATE | CFG_SHAPE_RATE) && sh->min_rate > sh->rate)
+		sh->min_rate = sh->rate;
+}
+
+/*
+ * cfg_shape_check - a floor above its ceiling, both held by one entry, is
+ * an error naming the floor's line when group e gives the floor; a floor
+ * that is a default follows the ceiling down, as per_ip does. (A floor
+ * above an inherited ceiling is lowered by config_shape_for().)
+ */
+static int
+cfg_shape_check(struct cfg_parse *p, const config_setting_t *e,
+    struct cfg_shape *sh)
+{
+	const config_setting_t *at;
+
+	if ((sh->set & (CFG_SHAPE_MIN_CONN | CFG_SHAPE_MAX_CONN)) ==
+	    (CFG_SHAPE_MIN_CONN | CFG_SHAPE_MAX_CONN) &&
+	    sh->min_conn > sh->max_conn && e != NULL &&
+	    (at = config_setting_get_member(e, "min_connections")) != NULL)
+		return cfg_fail(p, at, "'min_connections' (%d) must not exceed "
+		    "max_connections (%d)", sh->min_conn, sh->max_conn);
+	if ((sh->set & (CFG_SHAPE_MIN_RATE | CFG_SHAPE_RATE)) ==
+	    (CFG_SHAPE_MIN_RATE | CFG_SHAPE_RATE) &&
+	    sh->min_rate > sh->rate && e != NULL &&
+	    (at = config_setting_get_member(e, "min_rate")) != NULL)
+		return cfg_fail(p, at, "'min_rate' (%g/s) must not exceed rate "
+		    "(%g/s)", sh->min_rate, sh->rate);
+	cfg_shape_clamp(sh);
+	return 0;
+}
+
+/* cfg_lower - ASCII lower-case in place: DNS names compare without case */
+static void
+cfg_lower(char *s)
+{
+	for (; *s != '\0'; s++)
+		if (*s >= 'A' && *s <= 'Z')
+			*s = (char)(*s - 'A' + 'a');
+}
+
+/* cfg_provider_free - what a provider owns, not the struct itself */
+static void
+cfg_provider_free(struct cfg_provider *pv)
+{
+	size_t i;
+
+	free(pv->name);
+	for (i = 0; i < pv->nsuffixes; i++)
+		free(pv->suffixes[i]);
+	free(pv->suffixes);
+	memset(pv, 0, sizeof *pv);
+}
+
+/* cfg_builtin_add - cfg_builtin_providers[] as the first providers */
+static void
+cfg_builtin_add(struct relay_config *cfg)
+{
+	size_t i, j, n = ARRAY_SIZE(cfg_builtin_providers);
+
+	cfg->shaping.providers = xcalloc(n, sizeof *cfg->shaping.providers);
+	for (i = 0; i < n; i++) {
+		struct cfg_provider *pv = &cfg->shaping.providers[i];
+		const char *const *sfx = cfg_builtin_providers[i].suffixes;
+
+		pv->name = xstrdup(cfg_builtin_providers[i].name);
+		pv->suffixes = xcalloc(ARRAY_SIZE(cfg_builtin_providers[i].
+		    suffixes), sizeof *pv->suffixes);
+		for (j = 0; j < ARRAY_SIZE(cfg_builtin_providers[i].suffixes) &&
+		    sfx[j] != NULL; j++)
+			pv->suffixes[j] = xstrdup(sfx[j]);
+		pv->nsuffixes = j;
+		pv->shape.tls = cfg_builtin_providers[i].tls;
+		if (pv->shape.tls >= 0)
+			pv->shape.set |= CFG_SHAPE_TLS;
+		if ((pv->shape.max_conn = cfg_builtin_providers[i].max_conn) >
+		    0)
+			pv->shape.set |= CFG_SHAPE_MAX_CONN;
+		if ((pv->shape.max_msgs_per_conn =
+		    cfg_builtin_providers[i].max_msgs_per_conn) > 0)
+			pv->shape.set |= CFG_SHAPE_MSGS;
+		cfg->shaping.nproviders = i + 1;
+	}
+}
+
+/*
+ * cfg_parse_shaping - what the walk left of shaping: the defaults of
+ * shaping.default from delivery, the providers (built-in, then merged with
+ * the file's), the domains, and the CA bundle a tls "verify" there needs
+ */
+static int
+cfg_parse_shaping(struct cfg_parse *p, const config_setting_t *root)
+{
+	struct relay_config *cfg = p->cfg;
+	struct cfg_shape *df = &cfg->shaping.dflt;
+	const config_setting_t *g = config_setting_get_member(root,
+	    "shaping");
+	const config_setting_t *d = g == NULL ? NULL :
+	    config_setting_get_member(g, "default");
+	const config_setting_t **at = NULL;
+	config_setting_t *s;
+	unsigned int given = cfg_shape_given(d);
+	int rc;
+
+	if (!(given & CFG_SHAPE_MAX_CONN))
+		df->max_conn = cfg->delivery.max_connections_per_domain;
+	if (!(given & CFG_SHAPE_MSGS))
+		df->max_msgs_per_conn =
+		    cfg->delivery.max_messages_per_connection;
+	if (!(given & CFG_SHAPE_RCPTS))
+		df->max_rcpts_per_txn =
+		    cfg->delivery.max_recipients_per_transaction;
+	/* Every field holds a value, tls only when given (else -1). */
+	df->set = (CFG_SHAPE_ALL & ~CFG_SHAPE_TLS) | (given & CFG_SHAPE_TLS);
+	if ((rc = cfg_shape_check(p, d, df)) < 0)
+		return rc;
+
+	if (cfg->shaping.builtin_providers)
+		cfg_builtin_add(cfg);
+	if ((rc = cfg_seq(p, g, "providers", &s)) < 0)
+		return rc;
+	/* at[i]: the file's entry for provider i, NULL for a built-in. */
+	at = xcalloc(CFG_MAX_PROVIDERS, sizeof *at);
+	if ((s != NULL && (rc = cfg_parse_providers(p, s, at)) < 0) ||
+	    (rc = cfg_check_suffixes(p, at)) < 0)
+		goto out;
+	if ((rc = cfg_seq(p, g, "domains", &s)) < 0 ||
+	    (s != NULL && (rc = cfg_parse_shape_domains(p, s)) < 0))
+		goto out;
+	rc = cfg_check_shape_ca(p, config_setting_get_member(root, "delivery"),
+	    d, at, s);
+out:
+	free(at);
+	return rc;
+}
+
+/*
+ * cfg_parse_providers - shaping.providers: an entry named like a provider
+ * already there (a built-in) is merged into it field by field, its
+ * mx_suffixes (if given) replacing the built-in ones; any other is added
+ * after them and needs mx_suffixes. No name twice in the file. at[k]
+ * becomes the entry that set provider k.
+ */
+static int
+cfg_parse_providers(struct cfg_parse *p, const config_setting_t *list,
+    const config_setting_t **at)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, j, k, n = (size_t)config_setting_length(list);
+	struct cfg_provider pv, *dst;
+	const char *prev;
+	bool has_sfx;
+	int rc;
+
+	if (n > CFG_MAX_PROVIDERS)
+		return cfg_fail(p, list, "'providers' may hold at most %d "
+		    "providers", CFG_MAX_PROVIDERS);
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+
+		memset(&pv, 0, sizeof pv);
+		if ((rc = cfg_parse_provider(p, e, &pv, &has_sfx)) < 0)
+			goto fail;
+		/* Earlier entries were checked, so each has its name. */
+		for (j = 0; j < i; j++)
+			if (config_setting_lookup_string(
+			    config_setting_get_elem(list, (unsigned int)j),
+			    "name", &prev) == CONFIG_TRUE &&
+			    strcmp(prev, pv.name) == 0) {
+				rc = cfg_fail(p, e, "provider '%s' is defined "
+				    "twice", pv.name);
+				goto fail;
+			}
+		for (k = 0; k < cfg->shaping.nproviders; k++)
+			if (strcmp(cfg->shaping.providers[k].name, pv.name) ==
+			    0)
+				break;
+		if (k < cfg->shaping.nproviders) {
+			dst = &cfg->shaping.providers[k];
+			cfg_shape_over(&dst->shape, &pv.shape);
+			if (has_sfx) {
+				for (j = 0; j < dst->nsuffixes; j++)
+					free(dst->suffixes[j]);
+				free(dst->suffixes);
+				dst->suffixes = pv.suffixes;
+				dst->nsuffixes = pv.nsuffixes;
+				pv.suffixes = NULL;
+				pv.nsuffixes = 0;
+			}
+			cfg_provider_free(&pv);
+		} else {
+			if (!has_sfx) {
+				rc = cfg_fail(p, e, "provider '%s' is missing "
+				    "'mx_suffixes' (it is no built-in provider "
+				    "to inherit them from)", pv.name);
+				goto fail;
+			}
+			if (k == CFG_MAX_PROVIDERS) {
+				rc = cfg_fail(p, e, "more than %d providers, "
+				    "built-in ones included",
+				    CFG_MAX_PROVIDERS);
+				goto fail;
+			}
+			cfg->shaping.providers = xrealloc(
+			    cfg->shaping.providers,
+			    (k + 1) * sizeof *cfg->shaping.providers);
+			dst = &cfg->shaping.providers[k];
+			*dst = pv;
+			cfg->shaping.nproviders = k + 1;
+		}
+		at[k] = e;
+		if ((rc = cfg_shape_check(p, e, &dst->shape)) < 0)
+			return rc;
+	}
+	return 0;
+fail:
+	cfg_provider_free(&pv);
+	return rc;
+}
+
+/*
+ * cfg_parse_provider - one { name, mx_suffixes, <shape keys> } group into
+ * pv, which the caller frees on failure; *has_sfx says mx_suffixes was
+ * there (an empty list disables a built-in provider)
+ */
+static int
+cfg_parse_provider(struct cfg_parse *p, const config_setting_t *e,
+    struct cfg_provider *pv, bool *has_sfx)
+{
+	config_setting_t *s;
+	const char *c;
+	int rc;
+
+	*has_sfx = false;
+	if (!config_setting_is_group(e))
+		return cfg_fail(p, e, "'providers' entries must be groups "
+		    "{ ... }");
+	pv->shape.tls = -1;
+	if ((rc = cfg_apply(p, e, "shaping.providers", pv)) < 0)
+		return rc;
+	if (pv->name == NULL)
+		return cfg_fail(p, e, "provider is missing 'name'");
+	/* Names reach logs and site names; one spelling per provider. */
+	for (c = pv->name; *c != '\0'; c++)
+		if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') ||
+		    *c == '-' || *c == '_' || *c == '.'))
+			return cfg_fail(p, config_setting_get_member(e, "name"),
+			    "provider name '%s' may only hold lower-case "
+			    "letters, digits, '-', '_' and '.'", pv->name);
+	pv->shape.set = cfg_shape_given(e);
+	if ((rc = cfg_seq(p, e, "mx_suffixes", &s)) < 0)
+		return rc;
+	*has_sfx = s != NULL;
+	return s != NULL ? cfg_parse_suffixes(p, s, pv) : 0;
+}
+
+/*
+ * cfg_parse_suffixes - mx_suffixes: up to CFG_MAX_SUFFIXES strings, each
+ * ".domain" or a host name, lower-cased; duplicates are
+ * cfg_check_suffixes()'s business
+ */
+static int
+cfg_parse_suffixes(struct cfg_parse *p, const config_setting_t *list,
+    struct cfg_provider *pv)
+{
+	size_t i, n = (size_t)config_setting_length(list);
+
+	if (n > CFG_MAX_SUFFIXES)
+		return cfg_fail(p, list, "provider '%s': 'mx_suffixes' may "
+		    "hold at most %d suffixes", pv->name, CFG_MAX_SUFFIXES);
+	pv->suffixes = xcalloc(n == 0 ? 1 : n, sizeof *pv->suffixes);
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		const char *v;
+
+		if (config_setting_type(e) != CONFIG_TYPE_STRING)
+			return cfg_fail(p, e, "'mx_suffixes' entries must be "
+			    "strings");
+		v = config_setting_get_string(e);
+		if (!cfg_hostname_valid(v[0] == '.' ? v + 1 : v))
+			return cfg_fail(p, e, "provider '%s': mx suffix '%s' "
+			    "is not a host name or .domain such as "
+			    "\".google.com\"", pv->name, v);
+		pv->suffixes[i] = xstrdup(v);
+		pv->nsuffixes = i + 1;
+		cfg_lower(pv->suffixes[i]);
+	}
+	return 0;
+}
+
+/*
+ * cfg_check_suffixes - no suffix twice, in one provider or two (which
+ * would make the lookup depend on the order); the error names the file's
+ * mx_suffixes entry, at[] being the entries that set each provider
+ */
+static int
+cfg_check_suffixes(struct cfg_parse *p, const config_setting_t *const *at)
+{
+	const struct relay_config *cfg = p->cfg;
+	const struct cfg_provider *a, *b;
+	const config_setting_t *where;
+	size_t ia, ib, ja, jb;
+
+	for (ia = 0; ia < cfg->shaping.nproviders; ia++)
+		for (ib = 0; ib <= ia; ib++) {
+			a = &cfg->shaping.providers[ia];
+			b = &cfg->shaping.providers[ib];
+			for (ja = 0; ja < a->nsuffixes; ja++)
+				for (jb = 0; jb < (ia == ib ? ja :
+				    b->nsuffixes); jb++) {
+					if (strcmp(a->suffixes[ja],
+					    b->suffixes[jb]) != 0)
+						continue;
+					/* Two built-ins never clash. */
+					where = at[ia] != NULL ?
+					    config_setting_get_member(at[ia],
+					    "mx_suffixes") : NULL;
+					if (where != NULL)
+						where = config_setting_get_elem(
+						    where, (unsigned int)ja);
+					else if (at[ib] != NULL &&
+					    (where = config_setting_get_member(
+					    at[ib], "mx_suffixes")) != NULL)
+						where = config_setting_get_elem(
+						    where, (unsigned int)jb);
+					if (ia == ib)
+						return cfg_fail(p, where,
+						    "provider '%s' lists mx "
+						    "suffix '%s' twice",
+						    a->name, a->suffixes[ja]);
+					return cfg_fail(p, where, "mx suffix "
+					    "'%s' is claimed by providers '%s' "
+					    "and '%s'", a->suffixes[ja],
+					    b->name, a->name);
+				}
+		}
+	return 0;
+}
+
+/*
+ * cfg_parse_shape_domains - shaping.domains: up to CFG_MAX_SHAPE_DOMAINS
+ * { domain, rollup, <shape keys> } groups; domain required, a domain name
+ * (exact, lower-cased), no two alike
+ */
+static int
+cfg_parse_shape_domains(struct cfg_parse *p, const config_setting_t *list)
+{
+	struct relay_config *cfg = p->cfg;
+	size_t i, j, n = (size_t)config_setting_length(list);
+	int rc;
+
+	if (n > CFG_MAX_SHAPE_DOMAINS)
+		return cfg_fail(p, list, "'domains' may hold at most %d "
+		    "entries", CFG_MAX_SHAPE_DOMAINS);
+	/* Counted up front so cfg_free() copes with a half-filled array. */
+	cfg->shaping.domains = xcalloc(n == 0 ? 1 : n,
+	    sizeof *cfg->shaping.domains);
+	cfg->shaping.ndomains = n;
+	for (i = 0; i < n; i++) {
+		const config_setting_t *e = config_setting_get_elem(list,
+		    (unsigned int)i);
+		struct cfg_domain_shape *dm = &cfg->shaping.domains[i];
+
+		if (!config_setting_is_group(e))
+			return cfg_fail(p, e, "'domains' entries must be "
+			    "groups { ... }");
+		dm->rollup = true;
+		dm->shape.tls = -1;
+		if ((rc = cfg_apply(p, e, "shaping.domains", dm)) < 0)
+			return rc;
+		if (dm->domain == NULL)
+			return cfg_fail(p, e, "shaping domain entry is missing "
+			    "'domain'");
+		if (!cfg_hostname_valid(dm->domain))
+			return cfg_fail(p, config_setting_get_member(e,
+			    "domain"), "shaping domain '%s' is not a domain "
+			    "name such as example.com", dm->domain);
+		cfg_lower(dm->domain);
+		dm->shape.set = cfg_shape_given(e);
+		if ((rc = cfg_shape_check(p, e, &dm->shape)) < 0)
+			return rc;
+		for (j = 0; j < i; j++)
+			if (strcmp(cfg->shaping.domains[j].domain,
+			    dm->domain) == 0)
+				return cfg_fail(p, e, "shaping for domain '%s' "
+				    "is defined twice", dm->domain);
+	}
+	return 0;
+}
+
+/*
+ * cfg_check_shape_ca - a tls "verify" in shaping.default (group d), a
+ * provider (at[]) or a domain entry (list dl) needs delivery.ca_file, as
+ * one in delivery does (dlv: the delivery group, may be NULL)
+ */
+static int
+cfg_check_shape_ca(struct cfg_parse *p, const config_setting_t *dlv,
+    const config_setting_t *d, const config_setting_t *const *at,
+    const config_setting_t *dl)
+{
+	const struct relay_config *cfg = p->cfg;
+	size_t i;
+
+	if (cfg->shaping.dflt.tls == CFG_DLV_TLS_VERIFY)
+		return cfg_check_ca_file(p, dlv,
+		    config_setting_get_member(d, "tls"));
+	/* A built-in is never "verify": at[i] is the file's entry. */
+	for (i = 0; i < cfg->shaping.nproviders; i++)
+		if (cfg->shaping.providers[i].shape.tls == CFG_DLV_TLS_VERIFY)
+			return cfg_check_ca_file(p, dlv, at[i] == NULL ? NULL :
+			    config_setting_get_member(at[i], "tls"));
+	for (i = 0; i < cfg->shaping.ndomains; i++)
+		if (cfg->shaping.domains[i].shape.tls == CFG_DLV_TLS_VERIFY)
+			return cfg_check_ca_file(p, dlv,
+			    config_setting_get_member(config_setting_get_elem(
+			    dl, (unsigned int)i), "tls"));
+	return 0;
+}
+
+/*
+ * cfg_suffix_match - how long a match of suffix sfx on the host name of
+ * hlen bytes at host is (the suffix's length without its dot), 0 if none:
+ * ".example.net" matches strictly below example.net, "example.net" that
+ * name and below
+ */
+static size_t
+cfg_suffix_match(const char *host, size_t hlen, const char *sfx)
+{
+	size_t slen = strlen(sfx);
+
+	if (sfx[0] == '.')
+		return hlen > slen && str_ieqn(host + hlen - slen, sfx, slen) ?
+		    slen - 1 : 0;
+	if (hlen == slen)
+		return str_ieqn(host, sfx, slen) ? slen : 0;
+	return hlen > slen && host[hlen - slen - 1] == '.' &&
+	    str_ieqn(host + hlen - slen, sfx, slen) ? slen : 0;
+}
+
+/* config_shape_provider - the longest suffix match over every MX host */
+const struct cfg_provider *
+config_shape_provider(const struct relay_config *cfg, const char *mx_names)
+{
+	const struct cfg_provider *best = NULL;
+	const char *h, *end;
+	size_t i, j, hlen, len, blen = 0;
+
+	if (cfg == NULL || mx_names == NULL)
+		return NULL;
+	/* A linear scan: a few providers, once per resolved destination. */
+	for (h = mx_names; *h != '\0'; h = *end == ',' ? end + 1 : end) {
+		if ((end = strchr(h, ',')) == NULL)
+			end = h + strlen(h);
+		hlen = (size_t)(end - h);
+		/* An absolute name "mx.example.net." is the same host. */
+		if (hlen > 0 && h[hlen - 1] == '.')
+			hlen--;
+		for (i = 0; i < cfg->shaping.nproviders; i++) {
+			const struct cfg_provider *pv =
+			    &cfg->shaping.providers[i];
+
+			for (j = 0; j < pv->nsuffixes; j++) {
+				len = cfg_suffix_match(h, hlen,
+				    pv->suffixes[j]);
+				if (len > blen) {
+					best = pv;
+					blen = len;
+				}
+			}
+		}
+	}
+	return best;
+}
+
+/*
+ * config_shape_for - default, then provider, then domain entry, field by
+ * field; tls from the domain's own settings before the provider's
+ */
+void
+config_shape_for(const struct relay_config *cfg, const char *domain,
+    const char *mx_names, struct cfg_shape *out, bool *rollup,
+    const char **site_name)
+{
+	const struct cfg_provider *pv = config_shape_provider(cfg, mx_names);
+	const struct cfg_domain_shape *dm = NULL;
+	const struct cfg_tls_policy *tp;
+	size_t i;
+
+	for (i = 0; domain != NULL && i < cfg->shaping.ndomains; i++)
+		if (str_ieq(cfg->shaping.domains[i].domain, domain)) {
+			dm = &cfg->shaping.domains[i];
+			break;
+		}
+	*out = cfg->shaping.dflt;
+	if (pv != NULL)
+		cfg_shape_over(out, &pv->shape);
+	if (dm != NULL)
+		cfg_shape_over(out, &dm->shape);
+	/*
+	 * A delivery.tls_policies entry names this domain: it beats what a
+	 * provider or the default says for every domain they cover.
+	 */
+	if ((dm == NULL || !(dm->shape.set & CFG_SHAPE_TLS)) &&
+	    (tp = cfg_tls_policy_find(cfg, domain)) != NULL)
+		out->tls = tp->tls;
+	else if (out->tls < 0)
+		out->tls = cfg->delivery.tls;
+	out->set = CFG_SHAPE_ALL;
+	cfg_shape_clamp(out);
+	if (rollup != NULL)
+		*rollup = dm != NULL ? dm->rollup : true;
+	if (site_name != NULL)
+		*site_name = pv != NULL ? pv->name : NULL;
 }

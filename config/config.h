@@ -137,6 +137,62 @@ struct cfg_reply_rules {
 /* Every phase (reply_rules phase = "any"). */
 #define CFG_PHASE_ANY	((1u << CFG_PHASE_LAST) - 1)
 
+/*
+ * Static shaping of a destination (the shaping group): the ceilings and
+ * floors the adaptive throttle of a site (relay/site.h) starts from, and
+ * the session limits. set says which fields hold a value (CFG_SHAPE_*):
+ * in a provider or domain entry, those given in the file (or built in);
+ * the others are inherited, field by field, from what is below it
+ * (domain entry over provider over shaping.default). Rates are messages
+ * (connections) per second, from "N/s", "N/min" or "N/h" in the file.
+ */
+#define CFG_SHAPE_MAX_CONN	0x01u	/* max_connections */
+#define CFG_SHAPE_MIN_CONN	0x02u	/* min_connections */
+#define CFG_SHAPE_MSGS		0x04u	/* max_messages_per_connection */
+#define CFG_SHAPE_RCPTS		0x08u	/* max_recipients_per_trans... */
+#define CFG_SHAPE_RATE		0x10u	/* rate */
+#define CFG_SHAPE_MIN_RATE	0x20u	/* min_rate */
+#define CFG_SHAPE_CONN_RATE	0x40u	/* connection_rate */
+#define CFG_SHAPE_TLS		0x80u	/* tls */
+#define CFG_SHAPE_ALL		0xffu
+
+struct cfg_shape {
+	int max_conn;		/* connection ceiling, 1..10000 */
+	int min_conn;		/* connection floor, 1..10000 */
+	int max_msgs_per_conn;	/* transactions per connection,
+				   1..100000 */
+	int max_rcpts_per_txn;	/* RCPTs per transaction, 1..100000 */
+	double rate;		/* message rate ceiling, msgs/s */
+	double min_rate;	/* message rate floor, msgs/s */
+	double conn_rate;	/* new connections per second */
+	int tls;		/* enum cfg_dlv_tls; -1 = inherit (see
+				   config_shape_for) */
+	unsigned set;		/* CFG_SHAPE_* fields holding a value */
+};
+
+/*
+ * One shaping.providers entry (built in or from the file, merged by
+ * name): MX host names matching one of its suffixes belong to it. A
+ * suffix ".example.net" matches host names strictly below example.net; one
+ * without the dot matches that host name and every name below it.
+ * Suffixes are lower-case.
+ */
+struct cfg_provider {
+	char *name;		/* unique; a-z, 0-9, '-', '_', '.' */
+	char **suffixes;	/* nsuffixes MX host name suffixes */
+	size_t nsuffixes;	/* 0..32; 0 = matches nothing (disabled) */
+	struct cfg_shape shape;	/* fields not in set are inherited */
+};
+
+/* One shaping.domains entry: a recipient domain's own shaping. */
+struct cfg_domain_shape {
+	char *domain;		/* lower-case, exact match */
+	bool rollup;		/* false: the domain is a site of its own,
+				   not shared with its MX hosts' other
+				   domains */
+	struct cfg_shape shape;	/* fields not in set are inherited */
+};
+
 struct relay_config {
 	int refs;			/* config_ref/config_unref count */
 	char *path;			/* file it was loaded from, or "(built-in)" */
@@ -226,6 +282,19 @@ struct relay_config {
 	struct cfg_reply_rules reply_rules;	/* operator's classifier
 					   rules, compiled; tried before the
 					   built-in ones (relay/verdict.c) */
+
+	struct {
+		/* shaping.default: every field but tls always set; unset
+		   ones come from delivery.* and built-ins */
+		struct cfg_shape dflt;
+		bool builtin_providers;	/* use (and merge with) the
+					   built-in providers */
+		/* Built-ins first, then the file's new ones, in order. */
+		struct cfg_provider *providers;
+		size_t nproviders;	/* 0..256 */
+		struct cfg_domain_shape *domains; /* file order, no two alike */
+		size_t ndomains;	/* 0..10000 */
+	} shaping;
 };
 
 /*
@@ -274,5 +343,31 @@ int config_regex_compile(const char *pattern, struct pcre2_real_code_8 **out,
 
 /* config_class_name - "throttle", ... for enum cfg_class; "?" if unknown */
 const char *config_class_name(int cls);
+
+/*
+ * config_shape_provider - the provider whose suffix matches one of the MX
+ * host names (mx_names: comma-separated, as in a site name, e.g.
+ * "alt1.aspmx.l.google.com,aspmx.l.google.com"; a single domain name is
+ * fine too), or NULL (also for a NULL mx_names). Compared without case;
+ * the longest matching suffix wins, the earlier provider on a tie.
+ */
+const struct cfg_provider *config_shape_provider(const struct relay_config *cfg,
+    const char *mx_names);
+
+/*
+ * config_shape_for - the effective shaping of a destination: the domain's
+ * shaping.domains entry over the provider of mx_names over
+ * shaping.default, field by field. Every field of *out is set (out->set
+ * is CFG_SHAPE_ALL); a floor above its ceiling is lowered to it. out->tls
+ * is the domain entry's tls, else the delivery.tls_policies entry for the
+ * domain, else the provider's tls, else shaping.default's, else
+ * delivery.tls: never -1. *rollup (if not NULL) is false when the domain
+ * entry says rollup = false (the domain is a site of its own), else true.
+ * *site_name (if not NULL) is the provider's name if one matched, else
+ * NULL. domain and mx_names may be NULL.
+ */
+void config_shape_for(const struct relay_config *cfg, const char *domain,
+    const char *mx_names, struct cfg_shape *out, bool *rollup,
+    const char **site_name);
 
 #endif

@@ -306,6 +306,13 @@ control_answer(struct ctl_client *cl, const char *req)
 		    (unsigned long long)r->stats.auth_failures);
 		buf_json_string(&w->out, r->cfg->path);
 		buf_puts(&w->out, "}\n");
+	} else if (strncmp(req, "queue show ", 11) == 0) {
+		if (r->sched == NULL)
+			buf_puts(&w->out, "error: delivery is disabled in "
+			    "this configuration\n");
+		else if (!sched_explain(r->sched, req + 11, &w->out))
+			buf_printf(&w->out, "error: no queued message %.40s\n",
+			    req + 11);
 	} else if (strcmp(req, "sites") == 0 || strcmp(req, "sites json") == 0) {
 		if (r->sched)
 			sched_sites_report(r->sched, &w->out, req[5] != '\0');

@@ -894,7 +894,10 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 	char (*ddiag)[1200] = xcalloc(it->n, sizeof *ddiag);
 	char remote[300];
 	struct dsn_rcpt *dd = xcalloc(it->n, sizeof *dd);
-	struct sched_item *again = NULL;
+	/* Retries grouped by due time: a greylisted recipient must not be
+	 * pulled forward by another recipient's shorter retry. */
+	struct sched_item **again = xcalloc(it->n, sizeof *again);
+	size_t nagain = 0;
 	const struct relay_config *cfg = s->relay->cfg;
 	int64_t now = time_wall();
 	size_t nb = 0, nd = 0;
@@ -971,16 +974,15 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 				dd[nd].diagnostic = ddiag[nd];
 				nd++;
 			}
-			if (again == NULL)
-				again = sched_item_new(m, it->dest,
-				    now_again ? 0 : m->env.rcpts[ri].next_attempt,
+			int64_t due = now_again ? 0 : m->env.rcpts[ri].next_attempt;
+			size_t k;
+
+			for (k = 0; k < nagain && again[k]->due != due; k++)
+				;
+			if (k == nagain)
+				again[nagain++] = sched_item_new(m, it->dest, due,
 				    it->n);
-			again->idx[again->n++] = ri;
-			if (!now_again && m->env.rcpts[ri].next_attempt <
-			    again->due)
-				again->due = m->env.rcpts[ri].next_attempt;
-			if (now_again)
-				again->due = 0;
+			again[k]->idx[again[k]->n++] = ri;
 		}
 	}
 	/* The bounce is queued before the state that caused it is saved:
@@ -990,8 +992,9 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 	if (nd)
 		sched_report(s, m, dd, nd, "delayed");
 	sched_msg_write(m);
-	if (again)
-		sched_item_place(s, again);
+	for (size_t k = 0; k < nagain; k++)
+		sched_item_place(s, again[k]);
+	free(again);
 	free(dr);
 	free(dd);
 	free(ddiag);
@@ -1523,6 +1526,143 @@ sched_sites_report(struct sched *s, struct buf *out, bool json)
 	else if (first)
 		buf_puts(out, "no sites yet (a site appears once a destination "
 		    "has been resolved)\n");
+}
+
+/* sched_item_has - does it carry recipient ri of message id? */
+static bool
+sched_item_has(const struct sched_item *it, const char *id, size_t ri)
+{
+	if (strcmp(it->msg->id, id) != 0)
+		return false;
+	for (size_t i = 0; i < it->n; i++)
+		if (it->idx[i] == ri)
+			return true;
+	return false;
+}
+
+/* sched_ready_reason - why a ready item of d is not on its way yet */
+static void
+sched_ready_reason(struct sched *s, struct sched_dest *d, struct buf *out)
+{
+	int64_t now = time_wall_ms(), next;
+	char when[32];
+
+	if (d->dns) {
+		buf_printf(out, "looking up the MX hosts of %s", d->domain);
+		return;
+	}
+	if (d->site) {
+		unsigned lim = site_may_connect(d->site->site, d->site->active,
+		    now, &next);
+
+		if (next != SITE_NEVER) {
+			time_t t = (time_t)(next / 1000);
+			struct tm tm;
+			gmtime_r(&t, &tm);
+			strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+		} else {
+			str_copy(when, "a session ends", sizeof when);
+		}
+		if (lim & SITE_LIMIT_SUSPENDED) {
+			buf_printf(out, "site %s is suspended until %s UTC",
+			    site_name(d->site->site), when);
+			return;
+		}
+		if (lim & SITE_LIMIT_HOLD) {
+			buf_printf(out, "site %s asked us to come back at %s UTC",
+			    site_name(d->site->site), when);
+			return;
+		}
+		if (lim & (SITE_LIMIT_CONN | SITE_LIMIT_PROBE)) {
+			buf_printf(out, "site %s is at its connection limit "
+			    "(%d of %d, mode %s); next when %s",
+			    site_name(d->site->site), d->site->active,
+			    site_conn_limit(d->site->site),
+			    site_mode_name(site_mode(d->site->site)), when);
+			return;
+		}
+	}
+	if (d->hold_until > uv_now(s->loop)) {
+		buf_printf(out, "destination %s holds new connections for %llu "
+		    "ms (failed connections or rate)", d->domain,
+		    (unsigned long long)(d->hold_until - uv_now(s->loop)));
+		return;
+	}
+	if (d->nwaiting > 0) {
+		buf_printf(out, "waiting for a rate token of site %s (%.3f "
+		    "msgs/s)", d->site ? site_name(d->site->site) : d->domain,
+		    d->site ? site_rate(d->site->site) : 0.0);
+		return;
+	}
+	if (d->starved) {
+		buf_puts(out, "waiting for a free connection slot (global or "
+		    "per MX address cap)");
+		return;
+	}
+	buf_printf(out, "next in line for %s (%zu ready, %d sessions)",
+	    d->domain, d->nready, d->active);
+}
+
+bool
+sched_explain(struct sched *s, const char *id, struct buf *out)
+{
+	const struct envelope *env = spool_find(s->relay->spool, id);
+
+	if (env == NULL)
+		return false;
+	buf_printf(out, "%s from <%s>, %llu bytes, queued %lld s ago\n", id,
+	    env->sender, (unsigned long long)env->size,
+	    (long long)(time_wall() - env->created));
+	for (size_t ri = 0; ri < env->nrcpts; ri++) {
+		const struct env_rcpt *rc = &env->rcpts[ri];
+		const struct sched_conn *sc;
+		bool found = false;
+
+		buf_printf(out, "  <%s> %s attempts=%d", rc->addr,
+		    env_rcpt_state_name(rc->state), rc->attempts);
+		if (rc->last_reply)
+			buf_printf(out, " last=\"%s\"", rc->last_reply);
+		buf_puts(out, "\n    ");
+		if (rc->state != ENV_RCPT_PENDING) {
+			buf_puts(out, "final\n");
+			continue;
+		}
+		LIST_FOREACH(sc, &s->conns, entry)
+			if (sc->item && sched_item_has(sc->item, id, ri)) {
+				buf_printf(out, "being delivered to %s now\n",
+				    sc->dest->domain);
+				found = true;
+			}
+		for (size_t h = 0; h < s->nheap && !found; h++)
+			if (sched_item_has(s->heap[h], id, ri)) {
+				char when[32];
+				time_t t = (time_t)s->heap[h]->due;
+				struct tm tm;
+
+				gmtime_r(&t, &tm);
+				strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+				buf_printf(out, "waiting for its retry at %s UTC "
+				    "(in %lld s)\n", when,
+				    (long long)(s->heap[h]->due - time_wall()));
+				found = true;
+			}
+		for (size_t b = 0; b < SCHED_DEST_BUCKETS && !found; b++)
+			for (struct sched_dest *d = s->dests[b]; d && !found;
+			    d = d->hnext) {
+				struct sched_item *it;
+				TAILQ_FOREACH(it, &d->ready, entry)
+					if (sched_item_has(it, id, ri)) {
+						sched_ready_reason(s, d, out);
+						buf_puts(out, "\n");
+						found = true;
+						break;
+					}
+			}
+		if (!found)
+			buf_puts(out, "its outcome is being written to the "
+			    "spool\n");
+	}
+	return true;
 }
 
 /* --- life cycle -------------------------------------------------------- */

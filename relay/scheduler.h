@@ -47,6 +47,13 @@ void sched_stop(struct sched *s);
  */
 void sched_sites_report(struct sched *s, struct buf *out, bool json);
 
+/*
+ * sched_explain - for relayctl queue show: each recipient of message id,
+ * and for a pending one why it is not being delivered now and when it
+ * will be tried. Returns false if the id is not queued.
+ */
+bool sched_explain(struct sched *s, const char *id, struct buf *out);
+
 /* sched_busy - sessions or spool updates still outstanding */
 bool sched_busy(const struct sched *s);
 

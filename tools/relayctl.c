@@ -2,6 +2,7 @@
  * relayctl - the operator's command line for relayd.
  *
  *   relayctl [-s socket | -c config | -d] queue [--json]
+ *   relayctl [-s socket | -c config | -d] queue show ID
  *   relayctl [-s socket | -c config | -d] sites [--json]
  *   relayctl [-s socket | -c config | -d] status
  *
@@ -34,6 +35,7 @@ usage(void)
 	    "usage: relayctl [-s socket | -c config | -d] command\n"
 	    "commands:\n"
 	    "  queue [--json]   list queued messages and their recipients\n"
+	    "  queue show ID    why each pending recipient of ID waits\n"
 	    "  sites [--json]   delivery sites: adaptive limits, mode, last throttle\n"
 	    "  status           daemon counters (JSON)\n");
 	exit(EX_USAGE_);
@@ -134,7 +136,15 @@ main(int argc, char **argv)
 	path = xstrdup(sock);
 	config_unref(cfg);
 
-	if (strcmp(argv[0], "queue") == 0) {
+	if (strcmp(argv[0], "queue") == 0 && argc == 3 &&
+	    strcmp(argv[1], "show") == 0) {
+		char req[128];
+
+		if (strlen(argv[2]) > 64 || strchr(argv[2], '\n'))
+			usage();
+		snprintf(req, sizeof req, "queue show %s", argv[2]);
+		rc = ctl_request(path, req);
+	} else if (strcmp(argv[0], "queue") == 0) {
 		for (int i = 1; i < argc; i++) {
 			if (strcmp(argv[i], "--json") == 0)
 				json = true;

@@ -1,8 +1,9 @@
 /*
  * test_config.c - unit tests for config/config.c: defaults, the schema's
  * type/range/unknown-key errors with their line numbers, relay networks,
- * users, delivery TLS policies, reference counting, the example file and
- * the built-in default.
+ * users, delivery TLS policies, reply rules, shaping (built-in providers,
+ * merge by name, MX suffix lookup, inheritance), reference counting, the
+ * example file and the built-in default.
  *
  * Tests run from the repository root (config/relay.conf.example is read
  * by relative path).
@@ -30,6 +31,9 @@ static bool match4(const struct relay_config *, const char *);
 static bool match6(const struct relay_config *, const char *);
 
 static char errbuf[512];
+
+/* A double equal to b within rounding. */
+#define ASSERT_NEAR(a, b) ASSERT((a) > (b) - 1e-9 && (a) < (b) + 1e-9)
 
 /* load_ok - load text named "t.conf", abort with the message on failure */
 static struct relay_config *
@@ -1181,6 +1185,15 @@ TEST(example_file_loads)
 	ASSERT_STR_EQ(cfg->reply_rules.v[1].text,
 	    "sending rate exceeded|\\bRL\\d{3}\\b");
 	ASSERT(cfg->reply_rules.v[1].re != NULL);
+	ASSERT_EQ(cfg->shaping.dflt.max_conn, 20);
+	ASSERT_NEAR(cfg->shaping.dflt.conn_rate, 100.0 / 60);
+	ASSERT_EQ(cfg->shaping.nproviders, 7);
+	ASSERT_STR_EQ(cfg->shaping.providers[1].name, "yahoo");
+	ASSERT_NEAR(cfg->shaping.providers[1].shape.rate, 10.0);
+	ASSERT_EQ(cfg->shaping.providers[1].shape.max_msgs_per_conn, 20);
+	ASSERT_STR_EQ(cfg->shaping.providers[6].name, "example-hosting");
+	ASSERT_EQ(cfg->shaping.ndomains, 1);
+	ASSERT(!cfg->shaping.domains[0].rollup);
 	config_unref(cfg);
 }
 
@@ -1216,6 +1229,7 @@ TEST(builtin_default_loads)
 	ASSERT((u = config_user_find(cfg, "demo")) != NULL);
 	ASSERT_STR_EQ(u->hash, "$6$relaydemo0123456$fAodBwV8Ah.Ty58qWnt8Xdkh"
 	    "ZAtYSEZExmjaOnNYaIDuSx6lIqXP6bxP//vqNGxJL.YrrzFShRkHcaoFr/pvh.");
+	ASSERT_EQ(cfg->shaping.nproviders, 6);
 	config_unref(cfg);
 }
 
@@ -1396,6 +1410,510 @@ TEST(reply_rules_limit)
 	buf_free(&b);
 }
 
+TEST(shaping_defaults)
+{
+	struct relay_config *cfg = load_ok(MINIMAL);
+	const struct cfg_shape *df = &cfg->shaping.dflt;
+	const struct cfg_provider *pv;
+	const char *site = "x";
+	struct cfg_shape sh;
+	bool rollup = false;
+
+	/* shaping.default: delivery's limits and the built-in rates. */
+	ASSERT_EQ(df->max_conn, 20);
+	ASSERT_EQ(df->min_conn, 1);
+	ASSERT_EQ(df->max_msgs_per_conn, 100);
+	ASSERT_EQ(df->max_rcpts_per_txn, 100);
+	ASSERT_NEAR(df->rate, 100.0);
+	ASSERT_NEAR(df->min_rate, 1.0 / 60);
+	ASSERT_NEAR(df->conn_rate, 100.0 / 60);
+	ASSERT_EQ(df->tls, -1);
+	ASSERT_EQ(df->set, CFG_SHAPE_ALL & ~CFG_SHAPE_TLS);
+	ASSERT(cfg->shaping.builtin_providers);
+	ASSERT_EQ(cfg->shaping.ndomains, 0);
+
+	/* The built-in providers, in order. */
+	ASSERT_EQ(cfg->shaping.nproviders, 6);
+	ASSERT_STR_EQ(cfg->shaping.providers[0].name, "google");
+	ASSERT_STR_EQ(cfg->shaping.providers[1].name, "yahoo");
+	ASSERT_STR_EQ(cfg->shaping.providers[2].name, "microsoft");
+	ASSERT_STR_EQ(cfg->shaping.providers[3].name, "comcast");
+	ASSERT_STR_EQ(cfg->shaping.providers[4].name, "apple");
+	ASSERT_STR_EQ(cfg->shaping.providers[5].name, "orange");
+	pv = &cfg->shaping.providers[0];
+	ASSERT_EQ(pv->nsuffixes, 3);
+	ASSERT_STR_EQ(pv->suffixes[0], ".google.com");
+	ASSERT_STR_EQ(pv->suffixes[1], ".googlemail.com");
+	ASSERT_EQ(pv->shape.set, CFG_SHAPE_MAX_CONN | CFG_SHAPE_MSGS |
+	    CFG_SHAPE_TLS);
+	ASSERT_EQ(pv->shape.max_conn, 5);
+	ASSERT_EQ(pv->shape.max_msgs_per_conn, 50);
+	ASSERT_EQ(pv->shape.tls, CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(cfg->shaping.providers[1].shape.set, CFG_SHAPE_MSGS);
+	ASSERT_EQ(cfg->shaping.providers[1].shape.max_msgs_per_conn, 20);
+	ASSERT_EQ(cfg->shaping.providers[1].shape.tls, -1);
+	ASSERT_EQ(cfg->shaping.providers[3].shape.max_conn, 25);
+	ASSERT_EQ(cfg->shaping.providers[3].shape.max_msgs_per_conn, 1000);
+	ASSERT_EQ(cfg->shaping.providers[4].shape.max_msgs_per_conn, 5);
+	ASSERT_EQ(cfg->shaping.providers[5].shape.max_conn, 2);
+	ASSERT_EQ(cfg->shaping.providers[5].shape.tls, CFG_DLV_TLS_REQUIRED);
+
+	/* Gmail: the provider's fields over the default's. */
+	config_shape_for(cfg, "gmail.com",
+	    "alt1.gmail-smtp-in.l.google.com,gmail-smtp-in.l.google.com",
+	    &sh, &rollup, &site);
+	ASSERT_STR_EQ(site, "google");
+	ASSERT(rollup);
+	ASSERT_EQ(sh.set, CFG_SHAPE_ALL);
+	ASSERT_EQ(sh.max_conn, 5);
+	ASSERT_EQ(sh.min_conn, 1);
+	ASSERT_EQ(sh.max_msgs_per_conn, 50);
+	ASSERT_EQ(sh.max_rcpts_per_txn, 100);
+	ASSERT_NEAR(sh.rate, 100.0);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_REQUIRED);
+	/* Yahoo sets no tls: delivery.tls. */
+	config_shape_for(cfg, "yahoo.com", "mta5.am0.yahoodns.net", &sh, NULL,
+	    &site);
+	ASSERT_STR_EQ(site, "yahoo");
+	ASSERT_EQ(sh.max_conn, 20);
+	ASSERT_EQ(sh.max_msgs_per_conn, 20);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	/* Nobody's: the default, no site name. */
+	config_shape_for(cfg, "example.org", "mx.example.org", &sh, &rollup,
+	    &site);
+	ASSERT(site == NULL);
+	ASSERT(rollup);
+	ASSERT_EQ(sh.max_conn, 20);
+	ASSERT_EQ(sh.max_msgs_per_conn, 100);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	config_shape_for(cfg, NULL, NULL, &sh, NULL, NULL);
+	ASSERT_EQ(sh.max_conn, 20);
+	config_unref(cfg);
+
+	/* Unset default fields follow delivery; a default floor follows a
+	   lower ceiling down. */
+	cfg = load_ok(MINIMAL "delivery = { max_connections_per_domain = 7;\n"
+	    "  max_messages_per_connection = 9;\n"
+	    "  max_recipients_per_transaction = 11; tls = \"required\"; };\n"
+	    "shaping = { default = { rate = \"30/h\"; }; };\n");
+	ASSERT_EQ(cfg->shaping.dflt.max_conn, 7);
+	ASSERT_EQ(cfg->shaping.dflt.max_msgs_per_conn, 9);
+	ASSERT_EQ(cfg->shaping.dflt.max_rcpts_per_txn, 11);
+	ASSERT_NEAR(cfg->shaping.dflt.rate, 30.0 / 3600);
+	ASSERT_NEAR(cfg->shaping.dflt.min_rate, 30.0 / 3600);
+	config_shape_for(cfg, "example.org", "mx.example.org", &sh, NULL,
+	    NULL);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_REQUIRED);
+	config_unref(cfg);
+
+	/* The default's own keys win over delivery's. */
+	cfg = load_ok(MINIMAL "shaping = { default = { max_connections = 3;\n"
+	    "  min_connections = 2; max_messages_per_connection = 4;\n"
+	    "  max_recipients_per_transaction = 5; rate = \"0.5/s\";\n"
+	    "  min_rate = \"6/min\"; connection_rate = \"12/h\";\n"
+	    "  tls = \"none\"; }; };\n");
+	df = &cfg->shaping.dflt;
+	ASSERT_EQ(df->max_conn, 3);
+	ASSERT_EQ(df->min_conn, 2);
+	ASSERT_EQ(df->max_msgs_per_conn, 4);
+	ASSERT_EQ(df->max_rcpts_per_txn, 5);
+	ASSERT_NEAR(df->rate, 0.5);
+	ASSERT_NEAR(df->min_rate, 0.1);
+	ASSERT_NEAR(df->conn_rate, 12.0 / 3600);
+	ASSERT_EQ(df->tls, CFG_DLV_TLS_NONE);
+	ASSERT_EQ(df->set, CFG_SHAPE_ALL);
+	/* Orange's 2 connections are below the default floor of 2: fine. */
+	config_shape_for(cfg, "orange.fr", "smtp-in.orange.fr", &sh, NULL,
+	    NULL);
+	ASSERT_EQ(sh.max_conn, 2);
+	ASSERT_EQ(sh.min_conn, 2);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_REQUIRED);
+	config_shape_for(cfg, "example.org", NULL, &sh, NULL, NULL);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_NONE);
+	config_unref(cfg);
+}
+
+TEST(shaping_provider_merge)
+{
+	struct relay_config *cfg;
+	const struct cfg_provider *pv;
+	struct cfg_shape sh;
+	const char *site;
+
+	cfg = load_ok(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"google\"; max_connections = 8; rate = \"2/s\"; },\n"
+	    "  { name = \"yahoo\"; mx_suffixes = [ \".YahooDNS.net\",\n"
+	    "      \"mx.aol.example\" ]; tls = \"required\"; },\n"
+	    "  { name = \"apple\"; mx_suffixes = [ ]; },\n"
+	    "  { name = \"acme\"; mx_suffixes = [ \".mx.acme.example\" ];\n"
+	    "    min_connections = 2; max_connections = 4; }\n"
+	    "); };\n");
+	ASSERT_EQ(cfg->shaping.nproviders, 7);
+	/* google: two fields replaced, the rest built in. */
+	pv = &cfg->shaping.providers[0];
+	ASSERT_STR_EQ(pv->name, "google");
+	ASSERT_EQ(pv->nsuffixes, 3);
+	ASSERT_EQ(pv->shape.max_conn, 8);
+	ASSERT_NEAR(pv->shape.rate, 2.0);
+	ASSERT_EQ(pv->shape.max_msgs_per_conn, 50);
+	ASSERT_EQ(pv->shape.tls, CFG_DLV_TLS_REQUIRED);
+	ASSERT_EQ(pv->shape.set, CFG_SHAPE_MAX_CONN | CFG_SHAPE_MSGS |
+	    CFG_SHAPE_TLS | CFG_SHAPE_RATE);
+	/* yahoo: suffixes replaced (lower-cased), the built-in 20 kept. */
+	pv = &cfg->shaping.providers[1];
+	ASSERT_EQ(pv->nsuffixes, 2);
+	ASSERT_STR_EQ(pv->suffixes[0], ".yahoodns.net");
+	ASSERT_STR_EQ(pv->suffixes[1], "mx.aol.example");
+	ASSERT_EQ(pv->shape.max_msgs_per_conn, 20);
+	ASSERT_EQ(pv->shape.tls, CFG_DLV_TLS_REQUIRED);
+	/* apple: disabled by an empty suffix list. */
+	ASSERT_EQ(cfg->shaping.providers[4].nsuffixes, 0);
+	ASSERT(config_shape_provider(cfg, "mx01.mail.icloud.com") == NULL);
+	/* acme: added after the built-ins. */
+	pv = &cfg->shaping.providers[6];
+	ASSERT_STR_EQ(pv->name, "acme");
+	ASSERT_EQ(pv->shape.set, CFG_SHAPE_MIN_CONN | CFG_SHAPE_MAX_CONN);
+	ASSERT_EQ(pv->shape.tls, -1);
+
+	config_shape_for(cfg, "gmail.com", "aspmx.l.google.com", &sh, NULL,
+	    &site);
+	ASSERT_STR_EQ(site, "google");
+	ASSERT_EQ(sh.max_conn, 8);
+	ASSERT_EQ(sh.max_msgs_per_conn, 50);
+	ASSERT_NEAR(sh.rate, 2.0);
+	config_shape_for(cfg, "acme.example", "b.mx.acme.example", &sh, NULL,
+	    &site);
+	ASSERT_STR_EQ(site, "acme");
+	ASSERT_EQ(sh.max_conn, 4);
+	ASSERT_EQ(sh.min_conn, 2);
+	ASSERT_EQ(sh.max_msgs_per_conn, 100);
+	config_unref(cfg);
+
+	/* builtin_providers = false: only the file's. */
+	cfg = load_ok(MINIMAL "shaping = { builtin_providers = false;\n"
+	    "  providers = ( { name = \"google\";\n"
+	    "    mx_suffixes = [ \".google.com\" ]; } ); };\n");
+	ASSERT(!cfg->shaping.builtin_providers);
+	ASSERT_EQ(cfg->shaping.nproviders, 1);
+	ASSERT_EQ(cfg->shaping.providers[0].shape.set, 0);
+	config_shape_for(cfg, "gmail.com", "aspmx.l.google.com", &sh, NULL,
+	    &site);
+	ASSERT_STR_EQ(site, "google");
+	ASSERT_EQ(sh.max_conn, 20);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_OPPORTUNISTIC);
+	config_unref(cfg);
+	cfg = load_ok(MINIMAL "shaping = { builtin_providers = false; };\n");
+	ASSERT_EQ(cfg->shaping.nproviders, 0);
+	ASSERT(config_shape_provider(cfg, "aspmx.l.google.com") == NULL);
+	config_unref(cfg);
+}
+
+TEST(shaping_provider_lookup)
+{
+	struct relay_config *cfg;
+	const struct cfg_provider *pv;
+
+	cfg = load_ok(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"gsuite-alt\";\n"
+	    "    mx_suffixes = [ \"alt1.aspmx.l.google.com\" ]; },\n"
+	    "  { name = \"exact\"; mx_suffixes = [ \"mx.example.net\" ]; }\n"
+	    "); };\n");
+	ASSERT((pv = config_shape_provider(cfg, "aspmx.l.google.com")) != NULL);
+	ASSERT_STR_EQ(pv->name, "google");
+	/* The longest suffix wins, whichever host of the list it matched. */
+	ASSERT((pv = config_shape_provider(cfg,
+	    "alt1.aspmx.l.google.com")) != NULL);
+	ASSERT_STR_EQ(pv->name, "gsuite-alt");
+	ASSERT((pv = config_shape_provider(cfg,
+	    "aspmx.l.google.com,alt1.aspmx.l.google.com")) != NULL);
+	ASSERT_STR_EQ(pv->name, "gsuite-alt");
+	/* Below alt1... is still its host; case and a final dot do not
+	   matter. */
+	ASSERT((pv = config_shape_provider(cfg,
+	    "X.ALT1.aspmx.L.google.com.")) != NULL);
+	ASSERT_STR_EQ(pv->name, "gsuite-alt");
+	ASSERT((pv = config_shape_provider(cfg,
+	    "mx.example.org,hotmail-com.olc.protection.outlook.com")) != NULL);
+	ASSERT_STR_EQ(pv->name, "microsoft");
+	ASSERT((pv = config_shape_provider(cfg, "mx01.mail.icloud.com")) !=
+	    NULL);
+	ASSERT_STR_EQ(pv->name, "apple");
+	ASSERT((pv = config_shape_provider(cfg, "mx.example.net")) != NULL);
+	ASSERT_STR_EQ(pv->name, "exact");
+	ASSERT((pv = config_shape_provider(cfg, "a.mx.example.net")) != NULL);
+	ASSERT_STR_EQ(pv->name, "exact");
+	/* No match: a leading-dot suffix is strictly below; labels count. */
+	ASSERT(config_shape_provider(cfg, "google.com") == NULL);
+	ASSERT(config_shape_provider(cfg, "notgoogle.com") == NULL);
+	ASSERT(config_shape_provider(cfg, "xmx.example.net") == NULL);
+	ASSERT(config_shape_provider(cfg, "mx.example.org") == NULL);
+	ASSERT(config_shape_provider(cfg, "") == NULL);
+	ASSERT(config_shape_provider(cfg, ",") == NULL);
+	ASSERT(config_shape_provider(cfg, NULL) == NULL);
+	ASSERT(config_shape_provider(NULL, "aspmx.l.google.com") == NULL);
+	config_unref(cfg);
+}
+
+TEST(shaping_domains)
+{
+	struct relay_config *cfg;
+	const struct cfg_domain_shape *dm;
+	struct cfg_shape sh;
+	const char *site;
+	bool rollup;
+
+	cfg = load_ok(MINIMAL
+	    "delivery = { tls_policies = (\n"
+	    "  { domain = \"gmail.com\"; tls = \"verify\"; },\n"
+	    "  { domain = \".example.org\"; tls = \"none\"; } );\n"
+	    "  ca_file = \"config/relay.conf.example\"; };\n"
+	    "shaping = { domains = (\n"
+	    "  { domain = \"GoogleMail.com\"; rollup = false;\n"
+	    "    max_connections = 2; min_connections = 2;\n"
+	    "    min_rate = \"1/s\"; },\n"
+	    "  { domain = \"gmail.com\"; max_messages_per_connection = 7; },\n"
+	    "  { domain = \"a.example.org\"; tls = \"required\";\n"
+	    "    rate = \"1/min\"; }\n"
+	    "); };\n");
+	ASSERT_EQ(cfg->shaping.ndomains, 3);
+	dm = &cfg->shaping.domains[0];
+	ASSERT_STR_EQ(dm->domain, "googlemail.com");
+	ASSERT(!dm->rollup);
+	ASSERT_EQ(dm->shape.set, CFG_SHAPE_MAX_CONN | CFG_SHAPE_MIN_CONN |
+	    CFG_SHAPE_MIN_RATE);
+	ASSERT(cfg->shaping.domains[1].rollup);
+
+	/* Domain over provider over default, field by field. */
+	config_shape_for(cfg, "googlemail.COM", "aspmx.l.google.com", &sh,
+	    &rollup, &site);
+	ASSERT(!rollup);
+	ASSERT_STR_EQ(site, "google");
+	ASSERT_EQ(sh.max_conn, 2);
+	ASSERT_EQ(sh.min_conn, 2);
+	ASSERT_EQ(sh.max_msgs_per_conn, 50);
+	ASSERT_EQ(sh.max_rcpts_per_txn, 100);
+	ASSERT_NEAR(sh.min_rate, 1.0);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_REQUIRED);
+	/* gmail.com: its tls_policies entry beats the provider's tls. */
+	config_shape_for(cfg, "gmail.com", "aspmx.l.google.com", &sh, &rollup,
+	    &site);
+	ASSERT(rollup);
+	ASSERT_EQ(sh.max_conn, 5);
+	ASSERT_EQ(sh.max_msgs_per_conn, 7);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_VERIFY);
+	/* The domain entry's tls beats tls_policies; a floor above an
+	   inherited ceiling comes down to it. */
+	config_shape_for(cfg, "a.example.org", "mx.example.org", &sh, &rollup,
+	    &site);
+	ASSERT(site == NULL);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_REQUIRED);
+	ASSERT_NEAR(sh.rate, 1.0 / 60);
+	ASSERT_NEAR(sh.min_rate, 1.0 / 60);
+	config_shape_for(cfg, "b.example.org", "mx.example.org", &sh, NULL,
+	    NULL);
+	ASSERT_EQ(sh.tls, CFG_DLV_TLS_NONE);
+	/* Exact domains only. */
+	config_shape_for(cfg, "x.gmail.com", NULL, &sh, &rollup, NULL);
+	ASSERT(rollup);
+	ASSERT_EQ(sh.max_msgs_per_conn, 100);
+	config_unref(cfg);
+}
+
+TEST(shaping_errors)
+{
+	/* Rates. */
+	load_fail(MINIMAL "shaping = {\n  default = {\n"
+	    "    rate = \"100/sec\"; }; };",
+	    "t.conf:4: 'rate' must be a rate \"N/s\", \"N/min\" or \"N/h\" "
+	    "with N a positive number, such as \"100/s\" or \"20/min\"");
+	load_fail(MINIMAL "shaping = { default = {\n    rate = 100; }; };",
+	    "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n    rate = \"0/s\"; }; };",
+	    "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    min_rate = \"-1/s\"; }; };",
+	    "t.conf:3: 'min_rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \" 1/s\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \"1e3/s\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \".5/s\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \"5./s\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \"5/\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \"/s\"; }; };", "t.conf:3: 'rate' must be a rate");
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"x\"; mx_suffixes = [ \".x.example\" ];\n"
+	    "    connection_rate = \"5/day\"; } ); };",
+	    "t.conf:4: 'connection_rate' must be a rate");
+	load_fail(MINIMAL "shaping = { domains = (\n"
+	    "  { domain = \"x.example\";\n    rate = \"0.5/h\"; } ); };",
+	    "t.conf:4: 'rate' must be between 1/h and 1000000/s");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    rate = \"1000001/s\"; }; };",
+	    "t.conf:3: 'rate' must be between 1/h and 1000000/s");
+
+	/* Ranges and floors. */
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    max_connections = 10001; }; };",
+	    "t.conf:3: 'max_connections' must be between 1 and 10000");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"google\";\n"
+	    "    max_messages_per_connection = 0; } ); };",
+	    "t.conf:3: 'max_messages_per_connection' must be between 1 and "
+	    "100000");
+	load_fail(MINIMAL "shaping = { domains = ( { domain = \"x.example\";\n"
+	    "    max_recipients_per_transaction = 100001; } ); };",
+	    "t.conf:3: 'max_recipients_per_transaction' must be between 1 and "
+	    "100000");
+	load_fail(MINIMAL "shaping = { default = { max_connections = 3;\n"
+	    "    min_connections = 4; }; };",
+	    "t.conf:3: 'min_connections' (4) must not exceed max_connections "
+	    "(3)");
+	load_fail(MINIMAL "delivery = { max_connections_per_domain = 3; };\n"
+	    "shaping = { default = {\n    min_connections = 4; }; };",
+	    "t.conf:4: 'min_connections' (4) must not exceed max_connections "
+	    "(3)");
+	/* Orange's built-in 2 connections are this entry's ceiling. */
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"orange\";\n"
+	    "    min_connections = 3; } ); };",
+	    "t.conf:3: 'min_connections' (3) must not exceed max_connections "
+	    "(2)");
+	load_fail(MINIMAL "shaping = { domains = ( { domain = \"x.example\";\n"
+	    "    rate = \"1/s\";\n    min_rate = \"2/s\"; } ); };",
+	    "t.conf:4: 'min_rate' (2/s) must not exceed rate (1/s)");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    tls = \"maybe\"; }; };",
+	    "t.conf:3: 'tls' must be one of \"none\"");
+
+	/* Unknown keys, in every scope. */
+	load_fail(MINIMAL "shaping = {\n  max_connections = 3; };",
+	    "t.conf:3: unknown setting 'max_connections' in 'shaping'");
+	load_fail(MINIMAL "shaping = { default = {\n    max_conns = 3; }; };",
+	    "t.conf:3: unknown setting 'max_conns' in 'shaping.default'");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"x\";\n"
+	    "    mx_suffix = [ \".x.example\" ]; } ); };",
+	    "t.conf:3: unknown setting 'mx_suffix' in 'shaping.providers'");
+	load_fail(MINIMAL "shaping = { domains = ( { domain = \"x.example\";\n"
+	    "    rollup = false;\n    mx_suffixes = [ ]; } ); };",
+	    "t.conf:4: unknown setting 'mx_suffixes' in 'shaping.domains'");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"x\";\n"
+	    "    mx_suffixes = [ \".x.example\" ];\n"
+	    "    rollup = false; } ); };",
+	    "t.conf:4: unknown setting 'rollup' in 'shaping.providers'");
+
+	/* Providers. */
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { max_connections = 3; } ); };",
+	    "t.conf:3: provider is missing 'name'");
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"Google\"; } ); };",
+	    "t.conf:3: provider name 'Google' may only hold lower-case");
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"acme\"; max_connections = 3; } ); };",
+	    "t.conf:3: provider 'acme' is missing 'mx_suffixes'");
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"google\"; max_connections = 3; },\n"
+	    "  { name = \"google\"; rate = \"1/s\"; } ); };",
+	    "t.conf:4: provider 'google' is defined twice");
+	load_fail(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"a\"; mx_suffixes = [ \".a.example\" ]; },\n"
+	    "  { name = \"a\"; mx_suffixes = [ \".b.example\" ]; } ); };",
+	    "t.conf:4: provider 'a' is defined twice");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "    mx_suffixes = [ \".a.example\",\n      \"*.b.example\" ]; "
+	    "} ); };",
+	    "t.conf:4: provider 'a': mx suffix '*.b.example' is not a host "
+	    "name or .domain");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "    mx_suffixes = [ \"..a.example\" ]; } ); };",
+	    "t.conf:3: provider 'a': mx suffix '..a.example' is not");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "    mx_suffixes = [ 3 ]; } ); };",
+	    "t.conf:3: 'mx_suffixes' entries must be strings");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "    mx_suffixes = \".a.example\"; } ); };",
+	    "t.conf:3: 'mx_suffixes' must be a list");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "    mx_suffixes = [ \".a.example\",\n"
+	    "      \".A.example\" ]; } ); };",
+	    "t.conf:4: provider 'a' lists mx suffix '.a.example' twice");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"gsuite\";\n"
+	    "    mx_suffixes = [ \".x.example\",\n"
+	    "      \".google.com\" ]; } ); };",
+	    "t.conf:4: mx suffix '.google.com' is claimed by providers "
+	    "'google' and 'gsuite'");
+	/* Taken from google, then given back: fine. */
+	config_unref(load_ok(MINIMAL "shaping = { providers = (\n"
+	    "  { name = \"google\"; mx_suffixes = [ \".google.com\" ]; },\n"
+	    "  { name = \"gmail\"; mx_suffixes = [ \".googlemail.com\" ]; }\n"
+	    "); };\n"));
+	load_fail(MINIMAL "shaping = { providers = (\n  \"google\" ); };",
+	    "t.conf:3: 'providers' entries must be groups { ... }");
+	load_fail(MINIMAL "shaping = {\n  providers = { name = \"a\"; }; };",
+	    "t.conf:3: 'providers' must be a list");
+
+	/* Domains. */
+	load_fail(MINIMAL "shaping = { domains = (\n"
+	    "  { rollup = false; } ); };",
+	    "t.conf:3: shaping domain entry is missing 'domain'");
+	load_fail(MINIMAL "shaping = { domains = ( { domain =\n"
+	    "    \".example.com\"; } ); };",
+	    "shaping domain '.example.com' is not a domain name");
+	load_fail(MINIMAL "shaping = { domains = (\n"
+	    "  { domain = \"example.com\"; rollup = \"no\"; } ); };",
+	    "t.conf:3: 'rollup' must be a boolean");
+	load_fail(MINIMAL "shaping = { domains = (\n"
+	    "  { domain = \"example.com\"; },\n"
+	    "  { domain = \"Example.COM\"; } ); };",
+	    "t.conf:4: shaping for domain 'example.com' is defined twice");
+	load_fail(MINIMAL "shaping = { domains = (\n  [ 1 ] ); };",
+	    "t.conf:3: 'domains' entries must be groups { ... }");
+	load_fail(MINIMAL "shaping = (\n  1 );",
+	    "t.conf:2: 'shaping' must be a group { ... }");
+
+	/* tls "verify" here needs the CA bundle too. */
+	load_fail(MINIMAL "delivery = { ca_file = \"/nonexistent/ca.pem\"; };\n"
+	    "shaping = { domains = ( { domain = \"x.example\";\n"
+	    "    tls = \"verify\"; } ); };",
+	    "t.conf:2: ca_file '/nonexistent/ca.pem' cannot be read");
+	load_fail(MINIMAL "shaping = { providers = ( { name = \"google\";\n"
+	    "    tls = \"verify\"; } ); };\n"
+	    "delivery = { ca_file = \"/nonexistent/ca.pem\"; };\n",
+	    "t.conf:4: ca_file '/nonexistent/ca.pem' cannot be read");
+	load_fail(MINIMAL "shaping = { default = {\n"
+	    "    tls = \"verify\"; }; };\n"
+	    "delivery = { ca_file = \"/nonexistent/ca.pem\"; };\n",
+	    "cannot be read");
+}
+
+TEST(shaping_limits)
+{
+	struct buf b;
+	int i;
+
+	buf_init(&b);
+	buf_puts(&b, MINIMAL "shaping = { providers = (\n");
+	for (i = 0; i < 251; i++)
+		buf_printf(&b, "%s{ name = \"p%d\"; mx_suffixes = "
+		    "[ \".p%d.example\" ]; }\n", i == 0 ? "" : ",", i, i);
+	buf_puts(&b, "); };\n");
+	/* 6 built-ins + 250 = 256: the 251st is one too many. */
+	load_fail(b.data, "t.conf:253: more than 256 providers, built-in "
+	    "ones included");
+	buf_reset(&b);
+	buf_puts(&b, MINIMAL "shaping = { providers = ( { name = \"a\";\n"
+	    "  mx_suffixes = [\n");
+	for (i = 0; i < 33; i++)
+		buf_printf(&b, "%s\".s%d.example\"\n", i == 0 ? "" : ",", i);
+	buf_puts(&b, "] } ); };\n");
+	load_fail(b.data, "t.conf:3: provider 'a': 'mx_suffixes' may hold at "
+	    "most 32 suffixes");
+	buf_free(&b);
+}
+
 TEST_MAIN("config",
     TEST_ENTRY(defaults),
     TEST_ENTRY(all_keys_set),
@@ -1432,6 +1950,12 @@ TEST_MAIN("config",
     TEST_ENTRY(reply_rules),
     TEST_ENTRY(reply_rule_errors),
     TEST_ENTRY(reply_rules_limit),
+    TEST_ENTRY(shaping_defaults),
+    TEST_ENTRY(shaping_provider_merge),
+    TEST_ENTRY(shaping_provider_lookup),
+    TEST_ENTRY(shaping_domains),
+    TEST_ENTRY(shaping_errors),
+    TEST_ENTRY(shaping_limits),
     TEST_ENTRY(syntax_error_line),
     TEST_ENTRY(file_errors),
     TEST_ENTRY(file_line_numbers_and_include),
