@@ -77,6 +77,9 @@ struct sched_site {
 	struct site *site;		/* the controller */
 	int active;			/* sessions open to it */
 	struct sched_site *hnext;	/* hash chain */
+	char *domain;			/* a domain that resolved to it and */
+	char *mx_names;			/* its MX names: to recompute the
+					 * shaping after SIGHUP */
 };
 
 struct sched_item {
@@ -117,6 +120,7 @@ struct sched_dest {
 	TAILQ_ENTRY(sched_dest) hold;	/* waiting for hold_until */
 	struct sched_site *site;	/* its site, once resolved */
 	int nwaiting;			/* sessions idling for a rate token */
+	struct cfg_shape shape;		/* effective shaping (config) */
 };
 
 /* A session's context: which destination and which MX address it counts. */
@@ -281,14 +285,29 @@ sched_on_timer(uv_timer_t *t)
 
 /* --- sites ---------------------------------------------------------- */
 
-/* sched_site_limits - a site's ceilings from the configuration */
+/*
+ * sched_site_limits - a site's ceilings and floors: from its shaping when
+ * known (shaping.default / providers / domains), else shaping.default.
+ */
 static void
-sched_site_limits(const struct relay_config *cfg, struct site_limits *lim)
+sched_site_limits(const struct relay_config *cfg,
+    const struct cfg_shape *shape, struct site_limits *lim)
 {
+	const struct cfg_shape *sh = shape ? shape : &cfg->shaping.dflt;
+
 	site_limits_default(lim);
-	lim->max_conn = cfg->delivery.max_connections_per_domain;
+	lim->max_conn = sh->max_conn > 0 ? sh->max_conn :
+	    cfg->delivery.max_connections_per_domain;
+	if (sh->min_conn > 0)
+		lim->min_conn = sh->min_conn;
+	if (sh->rate > 0)
+		lim->max_rate = sh->rate;
+	if (sh->min_rate > 0)
+		lim->min_rate = sh->min_rate;
 	if (lim->min_conn > lim->max_conn)
 		lim->min_conn = lim->max_conn;
+	if (lim->min_rate > lim->max_rate)
+		lim->min_rate = lim->max_rate;
 }
 
 static struct sched_site *
@@ -317,15 +336,23 @@ sched_site_add(struct sched *s, struct site *site)
 
 /* sched_site_get - the site of that name, created at its ceilings */
 static struct sched_site *
-sched_site_get(struct sched *s, const char *name)
+sched_site_get(struct sched *s, const char *name,
+    const struct cfg_shape *shape, const char *domain, const char *mx)
 {
 	struct sched_site *ss = sched_site_find(s, name);
 	struct site_limits lim;
 
-	if (ss)
-		return ss;
-	sched_site_limits(s->relay->cfg, &lim);
-	return sched_site_add(s, site_new(name, &lim, time_wall_ms()));
+	if (ss == NULL) {
+		sched_site_limits(s->relay->cfg, shape, &lim);
+		ss = sched_site_add(s, site_new(name, &lim, time_wall_ms()));
+	}
+	if (ss->domain == NULL) {	/* loaded from sites.state: learn it */
+		sched_site_limits(s->relay->cfg, shape, &lim);
+		site_set_limits(ss->site, &lim, time_wall_ms());
+		ss->domain = xstrdup(domain);
+		ss->mx_names = xstrdup(mx);
+	}
+	return ss;
 }
 
 /* sched_site_save - write every site's state: tmp, fsync, rename */
@@ -378,7 +405,7 @@ sched_site_load(struct sched *s)
 
 	if (file_read_all(s->state_path, &text, &len, 64 << 20) < 0)
 		return;
-	sched_site_limits(s->relay->cfg, &lim);
+	sched_site_limits(s->relay->cfg, NULL, &lim);
 	for (line = strtok_r(text, "\n", &save); line;
 	    line = strtok_r(NULL, "\n", &save)) {
 		struct site *site;
@@ -1063,10 +1090,22 @@ sched_on_dns(void *arg, const struct dns_mx_result *res)
 		}
 	}
 	{
-		char name[512];
+		char mx[512], name[600];
+		const char *provider = NULL;
+		bool rollup = true;
 
-		sched_site_name(res, d->domain, name, sizeof name);
-		d->site = sched_site_get(s, name);
+		sched_site_name(res, d->domain, mx, sizeof mx);
+		config_shape_for(s->relay->cfg, d->domain, mx, &d->shape,
+		    &rollup, &provider);
+		/* One throttle per provider (MX suffix group), else per MX
+		 * set; a domain with rollup off has its own. */
+		if (!rollup)
+			snprintf(name, sizeof name, "domain:%s", d->domain);
+		else if (provider)
+			snprintf(name, sizeof name, "provider:%s", provider);
+		else
+			str_copy(name, mx, sizeof name);
+		d->site = sched_site_get(s, name, &d->shape, d->domain, mx);
 	}
 	d->hosts_expire = res->expires_ms;
 	if (d->hosts_expire <= uv_now(s->loop))
@@ -1236,7 +1275,8 @@ sched_kick(struct sched_dest *d)
 		/* Do not open more sessions than there is work for. */
 		if (d->active > 0 && d->nready <= (size_t)d->active)
 			return;
-		t.tls = (enum dlv_tls)config_tls_policy(cfg, d->domain);
+		t.tls = (enum dlv_tls)(d->shape.set ? d->shape.tls :
+		    config_tls_policy(cfg, d->domain));
 		t.tls_ctx = s->client_tls;
 		if (t.tls == DLV_TLS_VERIFY) {
 			char err[600];
@@ -1259,7 +1299,9 @@ sched_kick(struct sched_dest *d)
 		    cfg->hostname, sizeof t.helo);
 		t.has_source = cfg->delivery.has_source;
 		t.source = cfg->delivery.source;
-		t.max_msgs = cfg->delivery.max_messages_per_connection;
+		t.max_msgs = d->shape.set && d->shape.max_msgs_per_conn > 0 ?
+		    d->shape.max_msgs_per_conn :
+		    cfg->delivery.max_messages_per_connection;
 		for (int p = 0; p < DLV_PHASE_LAST; p++)
 			t.timeout_ms[p] = cfg->delivery.timeout_ms[p];
 		sc = xcalloc(1, sizeof *sc);
@@ -1723,15 +1765,25 @@ sched_reload(struct sched *s, const struct relay_config *cfg)
 	 * sessions hold their own reference). */
 	SSL_CTX_free(s->verify_tls);
 	s->verify_tls = NULL;
-	{
-		struct site_limits lim;
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++) {
+		for (struct sched_site *ss = s->sites[b]; ss; ss = ss->hnext) {
+			struct site_limits lim;
+			struct cfg_shape sh;
 
-		sched_site_limits(cfg, &lim);
-		for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
-			for (struct sched_site *ss = s->sites[b]; ss;
-			    ss = ss->hnext)
-				site_set_limits(ss->site, &lim, time_wall_ms());
+			if (ss->domain) {
+				config_shape_for(cfg, ss->domain, ss->mx_names,
+				    &sh, NULL, NULL);
+				sched_site_limits(cfg, &sh, &lim);
+			} else {
+				sched_site_limits(cfg, NULL, &lim);
+			}
+			site_set_limits(ss->site, &lim, time_wall_ms());
+		}
 	}
+	/* Destinations pick their shaping up again at the next lookup. */
+	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
+		for (struct sched_dest *d = s->dests[b]; d; d = d->hnext)
+			d->hosts_expire = 0;
 	for (size_t b = 0; b < SCHED_DEST_BUCKETS; b++)
 		for (struct sched_dest *d = s->dests[b]; d; d = d->hnext)
 			sched_kick(d);
@@ -1790,6 +1842,8 @@ sched_free(struct sched *s)
 		for (; ss; ss = n) {
 			n = ss->hnext;
 			site_free(ss->site);
+			free(ss->domain);
+			free(ss->mx_names);
 			free(ss);
 		}
 	}
