@@ -251,6 +251,8 @@ static const struct cfg_key cfg_keys[] = {
 	    RC(delivery.retry_jitter) },
 	{ "delivery", "min_retry", CFG_K_SEC, 1000, CFG_DAY_MS,
 	    RC(delivery.min_retry_s) },
+	{ "delivery", "greylist_retry", CFG_K_SEC, 1000, CFG_DAY_MS,
+	    RC(delivery.greylist_retry_s) },
 	{ "delivery", "max_queue_lifetime", CFG_K_SEC, 60 * 1000,
 	    CFG_MAX_QUEUE_MS, RC(delivery.max_queue_lifetime_s) },
 	/* Below max_queue_lifetime unless 0, checked after the walk. */
@@ -661,6 +663,7 @@ cfg_new(void)
 	    sizeof cfg_retry_default);
 	cfg->delivery.retry_jitter = 0.1;
 	cfg->delivery.min_retry_s = 60;
+	cfg->delivery.greylist_retry_s = 300;
 	cfg->delivery.max_queue_lifetime_s = 5 * 86400;
 	cfg->delivery.delay_warning_s = 0;
 	/* RFC 5321 4.5.3.2; connect, STARTTLS, RSET and QUIT are ours. */

@@ -274,6 +274,8 @@ struct relay_config {
 		size_t nretry;		/* 1..32 */
 		double retry_jitter;	/* 0..0.5: delay * [1-j, 1+j] */
 		int min_retry_s;	/* no retry sooner than this */
+		int greylist_retry_s;	/* floor of the first retry after a
+					   greylisting deferral */
 		int max_queue_lifetime_s; /* undelivered after this: bounce */
 		int delay_warning_s;	/* "delayed" DSN at this age; 0 = none */
 		uint64_t timeout_ms[CFG_PHASE_LAST];	/* by enum cfg_phase */

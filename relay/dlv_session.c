@@ -777,6 +777,10 @@ dlv_txn_resolve(struct dlv_session *s, enum dlv_rcpt_mark which,
 
 		if (s->marks[i] != which)
 			continue;
+		/* No reply at all and the recipient never reached the
+		 * server (lost connection, abort): not an attempt. */
+		o->untried = which == RCPT_UNTOUCHED && r->code == 0 &&
+		    s->pexpect <= 1 + i;
 		o->v = *v;
 		if (v->action == VERDICT_MSG_RETRY ||
 		    v->action == VERDICT_NEXT_MX)
@@ -796,7 +800,7 @@ dlv_txn_finish(struct dlv_session *s)
 	struct dlv_txn *t = s->txn;
 	struct smtp_reply none;
 	struct verdict v = { .action = VERDICT_RCPT_RETRY,
-	    .why = "not attempted" };
+	    .cls = VERDICT_CLASS_CONN_FAIL, .why = "not attempted" };
 
 	if (t == NULL)
 		return;
@@ -939,7 +943,8 @@ dlv_on_closed(struct conn *c)
 		/* Closed under us (abort, write error): retry what is left. */
 		struct smtp_reply r;
 		struct verdict v = { .action = VERDICT_RCPT_RETRY,
-		    .conn_dead = true, .why = "connection closed" };
+		    .cls = VERDICT_CLASS_CONN_FAIL, .conn_dead = true,
+		    .why = "connection closed" };
 
 		memset(&r, 0, sizeof r);
 		str_copy(r.text, "connection closed", sizeof r.text);

@@ -56,6 +56,8 @@ struct dlv_target {
 
 struct dlv_rcpt_out {
 	struct verdict v;		/* OK means the server accepted it */
+	bool untried;			/* the transaction ended before this
+					 * recipient was named: no attempt */
 	enum dlv_phase phase;		/* where it was decided */
 	struct smtp_reply reply;	/* the reply (code 0 for I/O errors) */
 };

@@ -49,7 +49,6 @@
 #define SCHED_HOLD_BASE_MS	500	/* first hold after a failed session */
 #define SCHED_HOLD_MAX_MS	60000	/* longest hold */
 #define SCHED_SAVE_DELAY_MS	1000	/* site state writes, debounced */
-#define SCHED_GREY_FIRST_S	300	/* first greylist retry (RECEIVERS 4.3) */
 #define SCHED_GREY_JITTER_S	60	/* spread of greylist retries */
 
 /* config/ mirrors these enums without including relay/ headers. */
@@ -131,6 +130,7 @@ struct sched_conn {
 	bool charged;			/* counted is charged */
 	bool tried;			/* some host was allowed a connect */
 	bool waiting;			/* idling for a rate token */
+	bool asked;			/* greeted and asked for work */
 	struct sched_site *site;	/* site charged with this session */
 	struct relay_config *cfg;	/* snapshot its reply rules live in */
 	struct sched_item *item;	/* item of the txn in flight */
@@ -701,7 +701,8 @@ sched_retry_delay(const struct relay_config *cfg, int attempts)
 
 /*
  * sched_grey_delay - when to come back after a greylisting deferral
- * (RECEIVERS.md 4.3): first max(hint, 5 min) plus up to a minute of
+ * (RECEIVERS.md 4.3): first max(hint, delivery.greylist_retry, default
+ * 5 min) plus up to a minute of
  * jitter, then 10, 20 and 40 minutes, then the normal schedule. The retry
  * goes to the same site, from the same sender; the site is not slowed.
  */
@@ -715,8 +716,11 @@ sched_grey_delay(const struct relay_config *cfg, const struct env_rcpt *rc,
 
 	RAND_bytes((unsigned char *)&r, sizeof r);
 	if (rc->greylists == 0) {
-		d = hint_s > SCHED_GREY_FIRST_S ? hint_s : SCHED_GREY_FIRST_S;
-		d += (int64_t)(r % (SCHED_GREY_JITTER_S + 1));
+		d = hint_s > cfg->delivery.greylist_retry_s ? hint_s :
+		    cfg->delivery.greylist_retry_s;
+		/* up to a minute of spread, less for a short setting */
+		d += (int64_t)(r % ((d / 5 < SCHED_GREY_JITTER_S ? d / 5 :
+		    SCHED_GREY_JITTER_S) + 1));
 	} else if ((size_t)rc->greylists <= ARRAY_SIZE(later)) {
 		d = later[rc->greylists - 1];
 		if (hint_s > d)
@@ -853,8 +857,13 @@ sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
 	const char *status;
 	bool retry = a != VERDICT_OK && a != VERDICT_RCPT_BOUNCE &&
 	    a != VERDICT_MSG_BOUNCE;
+	/*
+	 * A throttle moves the site, not the message; so does a
+	 * transaction cut off before the recipient was even named (the
+	 * connection died under it): neither is an attempt.
+	 */
 	bool site_signal = retry && (o->v.cls == VERDICT_CLASS_THROTTLE ||
-	    o->v.cls == VERDICT_CLASS_SUSPEND);
+	    o->v.cls == VERDICT_CLASS_SUSPEND || o->untried);
 
 	sched_reply_text(r, text, sizeof text);
 	free(rc->last_reply);
@@ -881,7 +890,9 @@ sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
 	default:
 		if (site_signal) {
 			*now_again = true;
-			status = "throttled";
+			status = o->untried && o->v.cls != VERDICT_CLASS_THROTTLE &&
+			    o->v.cls != VERDICT_CLASS_SUSPEND ? "requeued" :
+			    "throttled";
 		} else if (o->v.cls == VERDICT_CLASS_GREYLIST) {
 			rc->next_attempt = now + sched_grey_delay(cfg, rc,
 			    o->v.hint_s);
@@ -957,11 +968,14 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 
 		if (sig_reply)
 			sched_reply_text(sig_reply, st, sizeof st);
-		fx = site_report(ss->site, throttled ? SITE_SIG_THROTTLE :
-		    suspended ? SITE_SIG_SUSPEND : SITE_SIG_OK, time_wall_ms(),
-		    hint, sig_reply ? st : NULL);
-		if (throttled || suspended || any_ok)
+		/* Only a delivery is good news: a transaction that was only
+		 * greylisted or deferred per recipient says nothing. */
+		if (throttled || suspended || any_ok) {
+			fx = site_report(ss->site, throttled ? SITE_SIG_THROTTLE :
+			    suspended ? SITE_SIG_SUSPEND : SITE_SIG_OK,
+			    time_wall_ms(), hint, sig_reply ? st : NULL);
 			sched_site_fx(s, ss, fx, sig_reply ? st : NULL);
+		}
 	}
 	for (size_t i = 0; i < it->n; i++) {
 		size_t ri = it->idx[i];
@@ -1367,6 +1381,7 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 	int64_t now = time_wall_ms(), next;
 	int rc;
 
+	sc->asked = true;	/* the host took us: not a connection failure */
 	if (TAILQ_EMPTY(&d->ready) || sc->sched->stopping)
 		goto none;
 	if (d->site && !site_take_token(d->site->site, now, &next)) {
@@ -1448,7 +1463,9 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 	struct sched *s = sc->sched;
 	struct sched_dest *d = sc->dest;
 	struct sched_site *ss = sc->site;
-	bool tried = sc->tried;
+	/* A session that got as far as asking for work did not fail to
+	 * connect, even if it found nothing to do. */
+	bool tried = sc->tried && !sc->asked;
 
 	sched_uncharge(sc);
 	if (sc->waiting)
