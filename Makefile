@@ -7,6 +7,8 @@
 #   make asan       the same build with ASan+UBSan in build-asan/
 #   make test-asan  every test against the ASan+UBSan build
 #   make bench      submission benchmark (docs/BENCHMARKS.md)
+#   make bench-e2e  end to end: relayd vs a private Postfix into fake-mx
+#   make bench-throttle  a rate-limited receiver: adaptive vs naive retries
 #   make install    PREFIX=/usr/local DESTDIR=
 
 PREFIX  ?= /usr/local
@@ -104,6 +106,14 @@ bench: deps
 	$(MAKE) all
 	tools/bench-submit.sh
 
+bench-e2e: deps
+	$(MAKE) all
+	BUILD=$(BUILD) tools/bench-e2e.sh
+
+bench-throttle: deps
+	$(MAKE) all
+	BUILD=$(BUILD) tools/bench-throttle.sh
+
 check-style:
 	@tools/check-style
 
@@ -117,7 +127,7 @@ install: $(BUILD)/relayd $(BUILD)/relayctl
 clean:
 	rm -rf build build-asan
 
-.PHONY: all deps run test asan test-asan bench check-style install clean
+.PHONY: all deps run test asan test-asan bench bench-e2e bench-throttle check-style install clean
 .SECONDARY:
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -253,6 +253,8 @@ static int spool_env_write(struct spool *, const char *, const struct buf *,
     const char **);
 static void spool_on_op_work(uv_work_t *);
 static void spool_on_op_done(uv_work_t *, int);
+static void spool_remove_undo(struct spool *, struct spool_waiter *);
+static void spool_remove_synced(struct spool *, struct spool_waiter *, int);
 static void spool_op_undo(struct spool *, struct spool_waiter *);
 static void spool_op_synced(struct spool *, struct spool_waiter *, int);
 static void spool_op_finish(struct spool_op *, int);
@@ -778,17 +780,38 @@ spool_on_op_done(uv_work_t *req, int status)
 	/* We never uv_cancel() an op: the worker always ran. */
 	if (status != 0)
 		relay_panic("%s spool op job status=%d", op->id, status);
-	if (op->kind != SPOOL_OP_UPDATE || op->err != 0) {
+	if (op->err != 0) {
 		spool_op_finish(op, op->err);
 		return;
 	}
 	buf_free(&op->text);
-	op->waiter.undo = spool_op_undo;
-	op->waiter.done = spool_op_synced;
+	/* Both kinds become durable with the next (shared) queue/ fsync:
+	 * a removal that a crash could undo would deliver again. */
+	op->waiter.undo = op->kind == SPOOL_OP_UPDATE ? spool_op_undo :
+	    spool_remove_undo;
+	op->waiter.done = op->kind == SPOOL_OP_UPDATE ? spool_op_synced :
+	    spool_remove_synced;
 	op->waiter.next = NULL;
 	*sp->wait_tail = &op->waiter;
 	sp->wait_tail = &op->waiter.next;
 	spool_sync_kick(sp);
+}
+
+/* spool_remove_undo - worker: an unlink cannot be taken back */
+static void
+spool_remove_undo(struct spool *sp, struct spool_waiter *w)
+{
+}
+
+/* spool_remove_synced - loop: the unlinks are durable (or not) */
+static void
+spool_remove_synced(struct spool *sp, struct spool_waiter *w, int status)
+{
+	struct spool_op *op = container_of(w, struct spool_op, waiter);
+
+	if (status != 0)
+		op->step = "fsync queue";
+	spool_op_finish(op, status);
 }
 
 /*

@@ -1032,7 +1032,19 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 		sched_report(s, m, dr, nb, "failed");
 	if (nd)
 		sched_report(s, m, dd, nd, "delayed");
-	sched_msg_write(m);
+	if (nagain == 0 && m->items == 1 && m->updates == 0 &&
+	    envelope_is_done(&m->env)) {
+		/*
+		 * Every recipient is final and nothing else refers to the
+		 * message: remove it (durably, with the next shared queue/
+		 * fsync) instead of first writing an "all final" envelope.
+		 * A crash before that fsync repeats this last transaction,
+		 * the at-least-once window there always is.
+		 */
+		spool_msg_remove(s->relay->spool, m->id);
+	} else {
+		sched_msg_write(m);
+	}
 	for (size_t k = 0; k < nagain; k++)
 		sched_item_place(s, again[k]);
 	free(again);
