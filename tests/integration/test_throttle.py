@@ -10,9 +10,11 @@ hosts (MX rollup): domain thr.test has the site "mx.thr.test".
 What the daemon is expected to do (docs/THROTTLING.md, relay/site.c):
 - a 421 is a throttle: the site's connection limit and message rate go
   down (one multiplicative cut per 30 s window), the recipient goes back
-  to the ready queue without counting an attempt;
+  to the ready queue without counting an attempt (so does one whose
+  transaction was cut off before it was named: status=requeued);
 - greylisting defers that recipient only (first retry after
-  max(hint, 300 s) + up to 60 s), the site is not slowed;
+  max(hint, delivery.greylist_retry = 300 s) + jitter), the site is not
+  slowed;
 - a block ([TS03]) suspends the site: no connection until the end;
 - what a site learned survives a restart and a SIGHUP.
 
@@ -139,7 +141,7 @@ def short(state):
     return {k: state.get(k) for k in keys}
 
 
-def throttle_site(d, mx, n, tag):
+def throttle_site(d, n, tag):
     """Submit n messages for thr.test to a rate-limited fake MX and wait
     until its site has been cut by a 421. Returns the site's state."""
     submit(d, [(["%s%03d@thr.test" % (tag, i)], body_for("%s-%d" % (tag, i)))
@@ -276,8 +278,8 @@ test_rate_limited_receiver_delivers_all_once.timeout = 90
 # 2. Greylisting.
 
 def _grey_fixtures():
-    """dnsmasq, a greylisting fake MX (grey.test, 127.0.0.2) and a plain
-    one (ok.test, 127.0.0.4) on the same port."""
+    """dnsmasq and the greylisting fake MX (grey.test, 127.0.0.2, its
+    port also free on 127.0.0.4 for the plain one of ok.test)."""
     dns = Dnsmasq(ZONE)
     grey = FakeMX({"grey": "127.0.0.2"}, args=["--greylist", "2"],
                   also_free=["127.0.0.4"])
@@ -459,7 +461,7 @@ def test_site_state_survives_restart():
     state file)."""
     with Dnsmasq(ZONE) as dns, FakeMX(args=["--rate", "5/2"]) as mx, \
             relayd(dns, mx) as d:
-        throttle_site(d, mx, 20, "p")
+        throttle_site(d, 20, "p")
         before = site(d, "mx.thr.test")
         eq(d.stop(), 0, "exit code on SIGTERM")
         path = os.path.join(d.spool, "sites.state")
@@ -504,7 +506,7 @@ def test_sighup_keeps_learned_limits():
     ceiling), ceiling 30. Then 30 -> 1: the limit is clamped to 1."""
     with Dnsmasq(ZONE) as dns, FakeMX(args=["--rate", "5/2"]) as mx, \
             relayd(dns, mx, max_connections_per_domain=20) as d:
-        before = throttle_site(d, mx, 20, "h")
+        before = throttle_site(d, 20, "h")
         check(before["conn"] < 20, "conn %d" % before["conn"])
         for ceiling, want in ((30, before["conn"]), (1, 1)):
             d.delivery["max_connections_per_domain"] = ceiling
