@@ -581,6 +581,9 @@ dlv_on_reply(struct dlv_session *s)
 		}
 		if (s->mail_ok && s->accepted > 0)
 			dlv_txn_resolve(s, RCPT_ACCEPTED, e.phase, &v, r);
+		/* Every recipient has its outcome: hand them back now,
+		 * whatever becomes of the RSET and of the connection. */
+		dlv_txn_finish(s);
 		dlv_enter_state(s, DLV_ST_RSET);
 		dlv_send(s, "RSET");
 		return;
@@ -752,6 +755,7 @@ dlv_txn_step(struct dlv_session *s)
 	bool data_next = s->nsent == s->nexpect - 1;
 
 	if (!s->mail_ok || (data_next && s->accepted == 0)) {
+		dlv_txn_finish(s);	/* as after a refused DATA */
 		dlv_enter_state(s, DLV_ST_RSET);
 		dlv_send(s, "RSET");
 		return;

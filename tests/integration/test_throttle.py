@@ -382,6 +382,36 @@ def test_greylisting_defers_one_recipient_not_the_site():
         eq(len(ok.messages()), 1, "messages at ok.test")
 
 
+def test_refused_transactions_in_a_row_on_one_connection():
+    """Four messages, each to its own greylisted recipient, go over one
+    delivery connection (max_connections_per_domain = 1): every
+    transaction ends 450 at RCPT, 554 at DATA, then RSET and the next.
+    Each must get its own status=greylisted line and a retry, and all
+    four arrive once. (relayd once handed a transaction back only when
+    the next one ended: after an RSET the one before was forgotten, its
+    recipient pending with no attempt until a restart.)"""
+    n = 4
+    # A slow greeting: all four are queued before the session asks.
+    grey = FakeMX({"grey": "127.0.0.2"}, args=[
+        "--greylist", "2", "-e", "greeting delay 1500 220 fake-mx.test ESMTP"])
+    with Dnsmasq(ZONE) as dns, grey as mx, relayd(
+            dns, mx, greylist_retry=3, max_connections_per_domain=1) as d:
+        rcpts = ["row%d@grey.test" % i for i in range(n)]
+        submit(d, [([r], body_for("row-%d" % i))
+                   for i, r in enumerate(rcpts)])
+        for r in rcpts:
+            g = wait_results(d, r, "greylisted", timeout=10)[0]
+            eq((g["code"], g["class"], g["attempt"]), ("450", "greylist", "1"),
+               "greylisted line of %s (code, class, attempt)" % r)
+        for r in rcpts:
+            x = wait_results(d, r, "sent", timeout=15)[0]
+            eq(x["attempt"], "2", "attempt of the delivery of %s" % r)
+        L.wait_until(lambda: d.queue_count() == 0, 5, 0.05, "empty queue")
+        got = sorted(m["rcpts"][0] for m in mx.messages())
+        eq(got, sorted(rcpts), "recipients delivered by the greylisting MX")
+        _assert_site_not_slowed(d, "mx.grey.test")
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 
