@@ -85,7 +85,7 @@ TEST(aimd_exact_steps)
 	unsigned fx;
 
 	fx = site_report(s, SITE_SIG_THROTTLE, T0, 0, "421 4.7.0 slow down");
-	ASSERT_EQ(fx, SITE_FX_DECREASE | SITE_FX_MODE);
+	ASSERT_EQ(fx, SITE_FX_DECREASE | SITE_FX_MODE | SITE_FX_HOLD);
 	ASSERT_EQ(site_mode(s), SITE_THROTTLED);
 	ASSERT_EQ(site_conn_limit(s), 5);
 	ASSERT_NEAR(site_rate(s), 50);
@@ -148,16 +148,19 @@ TEST(one_decrease_per_window)
 	ASSERT_EQ(cuts, 1);
 	ASSERT_EQ(site_conn_limit(s), 5);
 	ASSERT_NEAR(site_rate(s), 50);
-	/* Still inside the window: nothing. */
-	ASSERT_EQ(site_report(s, SITE_SIG_THROTTLE, T0 + 29 * SEC, 0, NULL) &
-	    SITE_FX_DECREASE, 0);
-	/* A new window: a second cut. */
-	ASSERT(site_report(s, SITE_SIG_THROTTLE, T0 + 30 * SEC, 0, NULL) &
+	/* Still inside the window: a hold (2 s, the second of the
+	 * episode), no cut. */
+	ASSERT_EQ(site_report(s, SITE_SIG_THROTTLE, T0 + 29 * SEC, 0, NULL),
+	    SITE_FX_HOLD);
+	/* A new window but the 2 s hold is on: the same burst. */
+	ASSERT_EQ(site_report(s, SITE_SIG_THROTTLE, T0 + 30 * SEC, 0, NULL), 0);
+	/* After it: a second cut. */
+	ASSERT(site_report(s, SITE_SIG_THROTTLE, T0 + 31 * SEC, 0, NULL) &
 	    SITE_FX_DECREASE);
 	ASSERT_EQ(site_conn_limit(s), 2);
 	ASSERT_NEAR(site_rate(s), 25);
-	/* The throttle at +29 s restarted the clean interval too. */
-	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 89 * SEC, 0, NULL), 0);
+	/* The throttle at +31 s restarted the clean interval too. */
+	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 90 * SEC, 0, NULL), 0);
 	site_free(s);
 }
 
@@ -182,10 +185,14 @@ TEST(throttle_after_step_undoes_it)
 	site_report(s, SITE_SIG_THROTTLE, T0 + MINUTE + 50 * SEC, 0, NULL);
 	ASSERT_EQ(site_conn_limit(s), 2);
 	ASSERT_NEAR(site_rate(s), 25);
-	/* A throttle long after the last step is not blamed on it. */
+	/* A delivery after its 2 s hold ends that episode, and a clean
+	 * interval starts; a throttle long after the next step is not
+	 * blamed on it. */
+	site_report(s, SITE_SIG_OK, T0 + MINUTE + 52 * SEC, 0, NULL);
+	ASSERT_EQ(site_conn_limit(s), 2);
 	site_report(s, SITE_SIG_OK, T0 + 3 * MINUTE, 0, NULL);	/* 3, 35 */
 	ASSERT_EQ(site_conn_limit(s), 3);
-	site_report(s, SITE_SIG_THROTTLE, T0 + 4 * MINUTE, 0, NULL);
+	site_report(s, SITE_SIG_THROTTLE, T0 + 5 * MINUTE, 0, NULL);
 	ASSERT_EQ(site_conn_limit(s), 1);
 	ASSERT_NEAR(site_rate(s), 17.5);
 	site_free(s);
@@ -597,6 +604,130 @@ TEST(clock_steps_back)
 	site_free(s);
 }
 
+/*
+ * A throttle holds the site: 1 s, then doubling with each refusal that
+ * comes after a hold, up to 5 min; refusals during a hold (sent before
+ * it) are one burst; a delivery during the hold does not end the episode,
+ * one after it does, and the next episode starts at 1 s again.
+ */
+TEST(throttle_backoff_hold)
+{
+	struct site_limits l = lim_test();
+	struct site *s = site_new("a", &l, T0);
+	int64_t t = T0, next = 0;
+
+	ASSERT(site_report(s, SITE_SIG_THROTTLE, t, 0, NULL) & SITE_FX_HOLD);
+	ASSERT_EQ(site_may_connect(s, 0, t + 999, &next), SITE_LIMIT_HOLD);
+	ASSERT_EQ(next, t + SEC);
+	ASSERT(!site_take_token(s, t + 500, &next));
+	ASSERT_EQ(next, t + SEC);
+	/* Nine more of the same burst: nothing. */
+	for (int i = 1; i < 10; i++)
+		ASSERT_EQ(site_report(s, SITE_SIG_THROTTLE, t + i * 50, 0, NULL), 0);
+	/* A delivery sent before the hold: the episode goes on. */
+	site_report(s, SITE_SIG_OK, t + 600, 0, NULL);
+	static const int64_t hold_s[] = { 2, 4, 8, 16, 32, 64, 128, 256, 300, 300 };
+	t += SEC;
+	for (size_t i = 0; i < ARRAY_SIZE(hold_s); i++) {
+		ASSERT_EQ(site_may_connect(s, 0, t, NULL), 0);
+		ASSERT(site_report(s, SITE_SIG_THROTTLE, t, 0, NULL) & SITE_FX_HOLD);
+		site_may_connect(s, 0, t, &next);
+		ASSERT_EQ(next, t + hold_s[i] * SEC);
+		t = next;
+	}
+	/* A hint longer than the backoff wins. */
+	site_report(s, SITE_SIG_THROTTLE, t, 600, NULL);
+	site_may_connect(s, 0, t, &next);
+	ASSERT_EQ(next, t + 600 * SEC);
+	t = next;
+	/* A delivery after the hold ends the episode: the next one starts
+	 * at 1 s. */
+	ASSERT(site_take_token(s, t, NULL));
+	site_report(s, SITE_SIG_OK, t, 0, NULL);
+	site_report(s, SITE_SIG_THROTTLE, t + SEC, 0, NULL);
+	site_may_connect(s, 0, t + SEC, &next);
+	ASSERT_EQ(next, t + 2 * SEC);
+	site_free(s);
+}
+
+/*
+ * A receiver that refuses again after a hold has a quota per window: at
+ * the end of the episode the rate drops to what it accepted over the
+ * whole cycle. A single refusal changes nothing beyond the cut.
+ */
+TEST(episode_sets_accepted_rate)
+{
+	struct site_limits l = lim_test();
+
+	l.min_rate = 0.1;
+	struct site *s = site_new("a", &l, T0);
+	int64_t t = T0, next;
+	unsigned fx;
+
+	/* 120 accepted in 1.2 s, then refusals after 1, 2, 4, 8, 16 and 32 s
+	 * of hold; the 64 s hold ends at +64.2 s and that delivery ends it. */
+	for (int i = 0; i < 120; i++, t += 10) {
+		while (!site_take_token(s, t, &next))
+			t = next;
+		site_report(s, SITE_SIG_OK, t, 0, NULL);
+	}
+	ASSERT(site_report(s, SITE_SIG_THROTTLE, t, 0, NULL) & SITE_FX_DECREASE);
+	ASSERT(site_rate(s) > 10);		/* half of a burst rate */
+	for (int i = 0; i < 6; i++) {
+		site_may_connect(s, 0, t, &next);
+		t = next;
+		ASSERT(site_take_token(s, t, NULL));
+		site_report(s, SITE_SIG_THROTTLE, t, 0, NULL);
+	}
+	site_may_connect(s, 0, t, &next);
+	t = next;
+	ASSERT_EQ(t, T0 + 1200 + 127 * SEC);
+	ASSERT(site_take_token(s, t, NULL));
+	fx = site_report(s, SITE_SIG_OK, t, 0, NULL);
+	ASSERT(fx & SITE_FX_DECREASE);
+	/* 120 (+0 of this cycle) over 128.2 s. */
+	ASSERT_NEAR(site_rate(s), 120.0 / 128.2);
+	ASSERT_EQ(site_mode(s), SITE_THROTTLED);
+
+	/* A single refusal: the usual cut, no more. */
+	struct site *s2 = site_new("b", &l, T0);
+	t = T0;
+	for (int i = 0; i < 50; i++, t += 100) {
+		ASSERT(site_take_token(s2, t, NULL));
+		site_report(s2, SITE_SIG_OK, t, 0, NULL);
+	}
+	site_report(s2, SITE_SIG_THROTTLE, t, 0, NULL);
+	double cut = site_rate(s2);
+	ASSERT_NEAR(cut, 5);		/* 10/s in use, halved */
+	t += SEC;
+	ASSERT(site_take_token(s2, t, NULL));
+	ASSERT_EQ(site_report(s2, SITE_SIG_OK, t, 0, NULL), 0);
+	ASSERT_NEAR(site_rate(s2), cut);
+	site_free(s2);
+	site_free(s);
+}
+
+/* Time held is not time the rate was in use. */
+TEST(held_time_not_in_use)
+{
+	struct site_limits l = lim_test();
+	struct site *s = site_new("a", &l, T0);
+	int64_t t;
+
+	site_report(s, SITE_SIG_THROTTLE, T0, 0, NULL);	/* 50/s, held 1 s */
+	ASSERT_NEAR(site_rate(s), 50);
+	site_report(s, SITE_SIG_OK, T0 + 1500, 0, NULL);	/* episode over */
+	/* A receiver hint holds 60 s; then 4/s for 10 s. */
+	site_report(s, SITE_SIG_CONN_FAIL, T0 + 2 * SEC, 60, NULL);
+	for (t = T0 + 62 * SEC; t < T0 + 72 * SEC; t += 250)
+		ASSERT(site_take_token(s, t, NULL));
+	/* A new episode, a window after the cut: 40 tokens over the 11 s
+	 * not held since the rate changed, halved; not 40 over 72 s. */
+	site_report(s, SITE_SIG_THROTTLE, t, 0, NULL);
+	ASSERT_NEAR(site_rate(s), 40.0 / 11 / 2);
+	site_free(s);
+}
+
 /* relayctl's view. */
 TEST(json)
 {
@@ -817,6 +948,66 @@ TEST(receiver_connection_limit)
 }
 
 /*
+ * A quota per fixed window, as Postfix's anvil and fake-mx --rate count
+ * it: at most Q messages in 60 s from the first one after the previous
+ * window ended, refused beyond. An endless sender of N messages (replies
+ * at once, 10 ms steps) must drain within 1.2 x N / (Q/min) with at most
+ * 5 % of its transactions refused: the target of make bench-throttle.
+ */
+static void
+check_fixed_window(int n, int q, double *ratio, double *share)
+{
+	struct site_limits l = lim_test();
+	struct site *s;
+	int64_t wstart = -1, last_ok = T0;
+
+	l.min_rate = 1.0 / 60;		/* the default floor, under every q */
+	s = site_new("a", &l, T0);
+	int wcount = 0, sent = 0, refused = 0;
+
+	for (int64_t t = T0; t < T0 + 4 * HOUR && sent < n; t += 10) {
+		while (sent < n && site_take_token(s, t, NULL)) {
+			if (wstart < 0 || t - wstart >= MINUTE) {
+				wstart = t;
+				wcount = 0;
+			}
+			if (wcount < q) {
+				wcount++;
+				sent++;
+				last_ok = t;
+				site_report(s, SITE_SIG_OK, t, 0, NULL);
+			} else {
+				refused++;
+				site_report(s, SITE_SIG_THROTTLE, t, 0,
+				    "421 4.7.0 Error: too much mail");
+			}
+		}
+	}
+	ASSERT_EQ(sent, n);
+	*ratio = (double)(last_ok - T0) / 1000.0 / (n * 60.0 / q);
+	*share = (double)refused / (double)(refused + sent);
+	printf("# fixed window %d/min, %d messages: drained in %.2f x ideal, "
+	    "%d refused (%.2f %% of transactions)\n", q, n, *ratio, refused,
+	    *share * 100);
+	site_free(s);
+}
+
+TEST(fixed_window_drain)
+{
+	double ratio, share;
+
+	check_fixed_window(300, 120, &ratio, &share);	/* the bench's case */
+	ASSERT(ratio <= 1.2);
+	ASSERT(share <= 0.05);
+	check_fixed_window(3000, 120, &ratio, &share);	/* long run */
+	ASSERT(ratio <= 1.2);
+	ASSERT(share <= 0.05);
+	check_fixed_window(2000, 30, &ratio, &share);	/* a tight quota */
+	ASSERT(ratio <= 1.2);
+	ASSERT(share <= 0.05);
+}
+
+/*
  * A receiver that tightens from R to R/4 for 30 min, then relaxes: the
  * site follows down within a minute and a half, then climbs back without
  * ever stepping down, to 0.8 R within a bounded time.
@@ -875,6 +1066,9 @@ TEST_MAIN("site",
     TEST_ENTRY(gradual_recovery),
     TEST_ENTRY(suspension_escalation_and_probing),
     TEST_ENTRY(hints_honoured),
+    TEST_ENTRY(throttle_backoff_hold),
+    TEST_ENTRY(episode_sets_accepted_rate),
+    TEST_ENTRY(held_time_not_in_use),
     TEST_ENTRY(token_bucket),
     TEST_ENTRY(hosts_down),
     TEST_ENTRY(set_limits_keeps_state),
@@ -885,4 +1079,5 @@ TEST_MAIN("site",
     TEST_ENTRY(receiver_per_minute_limit),
     TEST_ENTRY(receiver_strict_rate_limit),
     TEST_ENTRY(receiver_connection_limit),
+    TEST_ENTRY(fixed_window_drain),
     TEST_ENTRY(receiver_tightens_then_relaxes))
