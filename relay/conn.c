@@ -15,6 +15,10 @@
  *    out in one write (one TLS record).
  *  - conn_close may be called from any callback; everything after it checks
  *    CONN_F_CLOSING and returns.
+ *  - A write error on an outbound connection does not close it at once:
+ *    the server's last reply (a 421 before it closed) may be waiting
+ *    unread behind our pipelined commands. Output is dropped from then
+ *    on, input is read and dispatched until EOF or CONN_DRAIN_MS.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -33,6 +37,7 @@
 #define CONN_WRITE_HIWAT	(256 * 1024)	/* stop reading above this */
 #define CONN_WRITE_LOWAT	(32 * 1024)	/* resume reading below this */
 #define CONN_SHUTDOWN_MS	10000		/* grace for a graceful close */
+#define CONN_DRAIN_MS		2000		/* reading on after a write error */
 
 enum {
 	CONN_F_CLOSING = 1 << 0,	/* conn_close called */
@@ -43,6 +48,8 @@ enum {
 	CONN_F_SHUTDOWN = 1 << 5,	/* closing once writes drain */
 	CONN_F_WBLOCKED = 1 << 6,	/* write queue above high water */
 	CONN_F_ACCEPTED = 1 << 7,	/* the socket is connected */
+	CONN_F_OUTBOUND = 1 << 8,	/* we connected (conn_connect) */
+	CONN_F_WDEAD = 1 << 9,		/* a write failed: read what is left */
 };
 
 struct conn {
@@ -67,6 +74,7 @@ struct conn {
 	int pending_closes;		/* handles still closing */
 	char peer[64];			/* numeric peer address */
 	struct sockaddr_storage peer_sa;	/* peer address */
+	const char *wdead_why;		/* the write error (static string) */
 };
 
 struct conn_wreq {
@@ -76,6 +84,7 @@ struct conn_wreq {
 };
 
 static void conn_on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b);
+static void conn_write_failed(struct conn *c, const char *why);
 static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void conn_on_write_done(uv_write_t *req, int status);
 static void conn_on_timer(uv_timer_t *t);
@@ -153,6 +162,7 @@ conn_connect(struct conn *c, const struct sockaddr *dst,
 		return rc;
 	c->on_connect = cb;
 	c->connect.data = c;
+	c->flags |= CONN_F_OUTBOUND;
 	/* Until connected, name the peer we are trying, for logs. */
 	if (dst->sa_family == AF_INET6)
 		uv_ip6_name((const struct sockaddr_in6 *)(const void *)dst,
@@ -237,7 +247,7 @@ void
 conn_set_timeout(struct conn *c, uint64_t ms)
 {
 	c->timeout_ms = ms;
-	if (c->flags & (CONN_F_CLOSING | CONN_F_SHUTDOWN))
+	if (c->flags & (CONN_F_CLOSING | CONN_F_SHUTDOWN | CONN_F_WDEAD))
 		return;
 	if (ms)
 		uv_timer_start(&c->timer, conn_on_timer, ms, 0);
@@ -290,7 +300,7 @@ conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 		conn_close(c, why);
 		return;
 	}
-	if (c->timeout_ms && !(c->flags & CONN_F_SHUTDOWN))
+	if (c->timeout_ms && !(c->flags & (CONN_F_SHUTDOWN | CONN_F_WDEAD)))
 		uv_timer_start(&c->timer, conn_on_timer, c->timeout_ms, 0);
 	if (!c->has_tls) {
 		buf_append(&c->in, b->base, (size_t)nread);
@@ -475,10 +485,17 @@ conn_submit(struct conn *c, struct conn_wreq *w)
 	uv_buf_t ub = uv_buf_init(w->data, (unsigned int)w->len);
 	int rc;
 
+	if (c->flags & CONN_F_WDEAD) {
+		free(w);	/* nobody listens: drop it */
+		return 0;
+	}
 	if ((rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &ub, 1,
 	    conn_on_write_done)) < 0) {
 		free(w);
-		conn_close(c, uv_err_name(rc));
+		conn_write_failed(c, uv_err_name(rc));
+		if (c->flags & CONN_F_CLOSING)
+			return rc;
+		return 0;	/* the caller goes on; we are draining */
 	}
 	return rc;
 }
@@ -516,10 +533,41 @@ conn_send_cipher(struct conn *c)
 	return 0;
 }
 
+/*
+ * conn_write_failed - a write failed (EPIPE, ECONNRESET). An inbound
+ * conn closes; an outbound one stops writing and reads on for at most
+ * CONN_DRAIN_MS, so the reply the server sent before it went (a 421
+ * after our pipelined commands) still reaches the owner; EOF, a read
+ * error or the timer then close it with the write error as the reason.
+ */
+static void
+conn_write_failed(struct conn *c, const char *why)
+{
+	if (c->flags & (CONN_F_CLOSING | CONN_F_WDEAD))
+		return;
+	if (!(c->flags & CONN_F_OUTBOUND) || (c->flags & CONN_F_SHUTDOWN)) {
+		conn_close(c, why);
+		return;
+	}
+	log_trace(TRACE_IO, "%016llx conn write-error peer=%s error=%s: "
+	    "reading what is left", (unsigned long long)c->id, c->peer, why);
+	c->flags |= CONN_F_WDEAD;
+	c->flags &= ~CONN_F_WBLOCKED;
+	c->wdead_why = why;
+	buf_reset(&c->out);
+	uv_timer_start(&c->timer, conn_on_timer, CONN_DRAIN_MS, 0);
+	if (!(c->flags & CONN_F_DISPATCHING))
+		conn_dispatch(c);	/* lines already buffered */
+	if (!(c->flags & CONN_F_CLOSING))
+		conn_read_update(c);
+}
+
 /* conn_after_write - stop reading while the peer does not read replies */
 static void
 conn_after_write(struct conn *c)
 {
+	if (c->flags & CONN_F_WDEAD)
+		return;
 	if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >
 	    CONN_WRITE_HIWAT) {
 		c->flags |= CONN_F_WBLOCKED;
@@ -538,9 +586,11 @@ conn_on_write_done(uv_write_t *req, int status)
 	if (c->flags & CONN_F_CLOSING)
 		return;
 	if (status < 0) {
-		conn_close(c, uv_err_name(status));
+		conn_write_failed(c, uv_err_name(status));
 		return;
 	}
+	if (c->flags & CONN_F_WDEAD)
+		return;
 	queued = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
 	if ((c->flags & CONN_F_SHUTDOWN) && queued == 0) {
 		conn_close(c, "shutdown");
@@ -578,7 +628,7 @@ conn_resume(struct conn *c)
 	c->flags &= ~CONN_F_PAUSED;
 	if (c->flags & CONN_F_DISPATCHING)
 		return;		/* the running dispatch loop goes on */
-	if (c->timeout_ms)
+	if (c->timeout_ms && !(c->flags & CONN_F_WDEAD))
 		uv_timer_start(&c->timer, conn_on_timer, c->timeout_ms, 0);
 	conn_dispatch(c);
 }
@@ -590,6 +640,10 @@ conn_on_timer(uv_timer_t *t)
 
 	if (c->flags & CONN_F_CLOSING)
 		return;
+	if (c->flags & CONN_F_WDEAD) {
+		conn_close(c, c->wdead_why);
+		return;
+	}
 	if (c->flags & CONN_F_SHUTDOWN) {
 		conn_close(c, "shutdown timeout");
 		return;
@@ -605,6 +659,10 @@ conn_shutdown(struct conn *c, const char *reason)
 {
 	if (c->flags & (CONN_F_CLOSING | CONN_F_SHUTDOWN))
 		return;
+	if (c->flags & CONN_F_WDEAD) {
+		conn_close(c, reason);	/* nothing can be said any more */
+		return;
+	}
 	conn_flush(c);
 	if (c->flags & CONN_F_CLOSING)
 		return;

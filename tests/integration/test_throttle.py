@@ -412,6 +412,143 @@ def test_refused_transactions_in_a_row_on_one_connection():
         _assert_site_not_slowed(d, "mx.grey.test")
 
 
+class ResettingMX:
+    """A lock-step MX (no PIPELINING) on 127.0.0.5. In its first session,
+    once 64 KiB of the body are in, it answers "421 4.7.0 Error: too much
+    mail from ..." and resets the connection (SO_LINGER 0) without reading
+    on. Later sessions accept and keep what they get. One thread per
+    session."""
+
+    TEXT = "421 4.7.0 Error: too much mail from 127.0.0.1"
+
+    def __init__(self):
+        import socket
+        import threading
+        self.port = L.free_port("127.0.0.5")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.5", self.port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.sessions = 0
+        self.messages = []
+        self.stop = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join(5)
+        self.sock.close()
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.sessions += 1
+                first = self.sessions == 1
+            threading.Thread(target=self._session, args=(c, first),
+                             daemon=True).start()
+
+    def _session(self, c, first):
+        import socket
+        import struct
+        c.settimeout(10)
+        f = c.makefile("rb")
+        try:
+            c.sendall(b"220 reset.test ESMTP\r\n")
+            body, rcpts, data = [], [], False
+            for _ in range(1000000):        # bounded: a message or two
+                line = f.readline()
+                if not line:
+                    return
+                if data:
+                    if first and sum(map(len, body)) >= 65536:
+                        c.sendall(self.TEXT.encode() + b"\r\n")
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+                        return               # close: a reset
+                    if line == b".\r\n":
+                        with self.lock:
+                            self.messages.append((rcpts, b"".join(body)))
+                        body, rcpts, data = [], [], False
+                        c.sendall(b"250 2.0.0 Ok: queued\r\n")
+                    else:
+                        body.append(line)
+                    continue
+                cmd = line[:4].upper()
+                if cmd == b"EHLO":
+                    c.sendall(b"250-reset.test\r\n250 8BITMIME\r\n")
+                elif cmd == b"RCPT":
+                    rcpts.append(line[8:].strip(b"<>\r\n").decode())
+                    c.sendall(b"250 2.1.5 Ok\r\n")
+                elif cmd == b"DATA":
+                    data = True
+                    c.sendall(b"354 go ahead\r\n")
+                elif cmd == b"QUIT":
+                    c.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    c.sendall(b"250 Ok\r\n")
+        except OSError:
+            return
+        finally:
+            f.close()
+            c.close()
+
+
+def test_421_before_a_reset_is_read():
+    """An 8 MB message; the receiver stops reading 64 KiB into the body,
+    answers 421 and resets the connection. relayd, its writes blocked (it
+    stops reading while the peer does not take its bytes), gets the
+    reset as a write error (EPIPE or ECONNRESET) with the 421 unread. It
+    must read it all the same: the recipient
+    is status=throttled with the 421 (class throttle, no attempt
+    counted), the site records the throttle, and the retry on a new
+    connection delivers the message once. (relayd once closed on the
+    write error and lost the 421: the site never heard of it.)"""
+    zone = [Dnsmasq.mx("reset.test", "mx.reset.test", 10),
+            Dnsmasq.host("mx.reset.test", "127.0.0.5")]
+    with Dnsmasq(zone) as dns, ResettingMX() as mx, \
+            RelayD(listeners=[dict(name="plain", tls="none",
+                                   auth_required=False)],
+                   dns=dns_conf(dns),
+                   delivery={"port": mx.port, "retry_schedule": [1],
+                             "min_retry": 1, "retry_jitter": 0.0}) as d:
+        big = body_for("reset-1") + (b"x" * 998 + b"\r\n") * 8000
+        submit(d, [(["r1@reset.test"], big)])
+        t = wait_results(d, "r1@reset.test", "throttled", timeout=10)[0]
+        eq((t["code"], t["class"]), ("421", "throttle"),
+           "result after the reset (code, class)")
+        check(ResettingMX.TEXT[10:] in t["reply"],
+              "the 421's text in the result line: %r" % t["reply"])
+        s = wait_site(d, "mx.reset.test",
+                      lambda x: x["last_signal"] == "throttle", 5,
+                      "site mx.reset.test told of the throttle")
+        eq(s["last_reply"], ResettingMX.TEXT, "site's last reply")
+        x = wait_results(d, "r1@reset.test", "sent", timeout=15)[0]
+        eq(x["attempt"], "1", "attempt of the delivery (the throttle did "
+           "not count)")
+        L.wait_until(lambda: d.queue_count() == 0, 5, 0.05, "empty queue")
+        eq([r for r, _ in mx.messages], [["r1@reset.test"]],
+           "messages the MX accepted")
+        got = mx.messages[0][1]
+        check(got.endswith(big[-50000:]) and len(got) > len(big),
+              "body received: %d octets for %d submitted (Received: "
+              "added)" % (len(got), len(big)))
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 
