@@ -702,9 +702,13 @@ sched_retry_delay(const struct relay_config *cfg, int attempts)
 /*
  * sched_grey_delay - when to come back after a greylisting deferral
  * (RECEIVERS.md 4.3): first max(hint, delivery.greylist_retry, default
- * 5 min) plus up to a minute of
- * jitter, then 10, 20 and 40 minutes, then the normal schedule. The retry
- * goes to the same site, from the same sender; the site is not slowed.
+ * 5 min) plus up to a minute of jitter, then 10, 20 and 40 minutes, then
+ * the normal schedule. A greylister's "come back in N seconds" counts
+ * from the first attempt, so a later greylisting with a hint waits N s,
+ * not 10 min. Hints are whole seconds and the retry time too: one more
+ * second, or the retry can come a fraction early and be greylisted again
+ * (make bench-throttle's greylist mode: 12 of 300). The retry goes to
+ * the same site, from the same sender; the site is not slowed.
  */
 static int64_t
 sched_grey_delay(const struct relay_config *cfg, const struct env_rcpt *rc,
@@ -719,12 +723,10 @@ sched_grey_delay(const struct relay_config *cfg, const struct env_rcpt *rc,
 		d = hint_s > cfg->delivery.greylist_retry_s ? hint_s :
 		    cfg->delivery.greylist_retry_s;
 		/* up to a minute of spread, less for a short setting */
-		d += (int64_t)(r % ((d / 5 < SCHED_GREY_JITTER_S ? d / 5 :
+		d += 1 + (int64_t)(r % ((d / 5 < SCHED_GREY_JITTER_S ? d / 5 :
 		    SCHED_GREY_JITTER_S) + 1));
 	} else if ((size_t)rc->greylists <= ARRAY_SIZE(later)) {
-		d = later[rc->greylists - 1];
-		if (hint_s > d)
-			d = hint_s;
+		d = hint_s > 0 ? (int64_t)hint_s + 1 : later[rc->greylists - 1];
 	} else {
 		d = sched_retry_delay(cfg, rc->attempts);
 	}
@@ -1640,7 +1642,8 @@ sched_ready_reason(struct sched *s, struct sched_dest *d, struct buf *out)
 			return;
 		}
 		if (lim & SITE_LIMIT_HOLD) {
-			buf_printf(out, "site %s asked us to come back at %s UTC",
+			buf_printf(out, "site %s is held after a throttle "
+			    "(backoff or the receiver's hint) until %s UTC",
 			    site_name(d->site->site), when);
 			return;
 		}
