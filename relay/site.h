@@ -95,7 +95,9 @@ enum site_signal {
 #define SITE_LIMIT_CONN		0x01	/* connection limit reached */
 #define SITE_LIMIT_RATE		0x02	/* no rate token available now */
 #define SITE_LIMIT_SUSPENDED	0x04	/* suspended until *next */
-#define SITE_LIMIT_PROBE	0x08	/* probing and the probe is open */
+#define SITE_LIMIT_PROBE	0x08	/* one connection at a time: probing
+					   after a suspension, or in a throttle
+					   episode, and one is open */
 #define SITE_LIMIT_HOLD		0x10	/* the receiver asked us to come back
 					   later (a hint in a reply) */
 

@@ -331,8 +331,9 @@ TEST(hints_honoured)
 	ASSERT(fx & SITE_FX_HOLD);
 	ASSERT_EQ(site_may_connect(s, 0, T0 + SEC, &next), SITE_LIMIT_HOLD);
 	ASSERT_EQ(next, T0 + 120 * SEC);
+	/* In the episode: one connection at a time. */
 	ASSERT_EQ(site_may_connect(s, 5, T0 + SEC, &next),
-	    SITE_LIMIT_HOLD | SITE_LIMIT_CONN);
+	    SITE_LIMIT_HOLD | SITE_LIMIT_PROBE);
 	ASSERT_EQ(next, T0 + 120 * SEC);
 	ASSERT(!site_take_token(s, T0 + SEC, &next));
 	ASSERT_EQ(next, T0 + 120 * SEC);
@@ -635,6 +636,11 @@ TEST(throttle_backoff_hold)
 		ASSERT_EQ(next, t + hold_s[i] * SEC);
 		t = next;
 	}
+	/* After a hold: one connection, one message, until its outcome. */
+	ASSERT_EQ(site_may_connect(s, 1, t, NULL), SITE_LIMIT_PROBE);
+	ASSERT(site_take_token(s, t, NULL));
+	ASSERT(!site_take_token(s, t + 10, &next));
+	ASSERT_EQ(next, t + 300 * SEC);		/* or a backoff without one */
 	/* A hint longer than the backoff wins. */
 	site_report(s, SITE_SIG_THROTTLE, t, 600, NULL);
 	site_may_connect(s, 0, t, &next);
