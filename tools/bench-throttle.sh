@@ -15,7 +15,15 @@
 #                                 class = "msg-temp"; } );
 #             and delivery.retry_schedule = [ 60 ], min_retry = 1: every
 #             4xx is an ordinary per-message deferral retried after 60 s
-#             (+-10 % jitter), which is what a fixed-retry MTA does.
+#             (+-10 % jitter), which is what a fixed-retry MTA does;
+#   greylist  a receiver without a quota that greylists (fake-mx
+#             --greylist G: every new client/sender/recipient triplet is
+#             answered 450 4.2.0 "Greylisted ... please come back in N
+#             seconds" for G s), relayd with delivery.greylist_retry = G.
+#             Every message goes to its own recipient. Reported: the
+#             longest time from a message's first attempt to its
+#             delivery against G + one greylist retry interval (2 G), and
+#             attempts per message; the site must not slow down.
 #
 # For each mode it prints the drain time (start of the submission -> last
 # message recorded by the receiver) against the ideal N / R, the share of
@@ -26,7 +34,7 @@
 #
 # Each mode gets a fresh fake-mx (so a fresh rate window), a fresh relayd
 # and spool; one private dnsmasq on 127.0.0.1 answers the MX of
-# example.net (bench-submit's fixed recipient domain, rcpt<i>@example.net)
+# example.net (bench-submit's recipient domain, rcpt<message number>@example.net)
 # with mx1.example.net = 127.0.0.2. Only 127.0.0.x is used. Every wait is
 # bounded: a mode's drain is cut off at BENCH_BOUND x ideal.
 #
@@ -36,7 +44,8 @@
 #                  during the run does not change them
 #   BENCH_N        messages per mode (300)
 #   BENCH_R        the receiver's limit, messages per minute (120)
-#   BENCH_MODES    modes, in order ("adaptive naive")
+#   BENCH_MODES    modes, in order ("adaptive naive greylist")
+#   BENCH_GREY     greylist mode: the receiver's greylist delay G, s (60)
 #   BENCH_BOUND    drain cut-off as a multiple of the ideal (3)
 #   BENCH_KEEP=1   keep the bench directory (logs, records)
 #
@@ -47,7 +56,8 @@ set -u
 BUILD=${BUILD:-build}
 N=${BENCH_N:-300}
 R=${BENCH_R:-120}
-MODES=${BENCH_MODES:-"adaptive naive"}
+MODES=${BENCH_MODES:-"adaptive naive greylist"}
+GREY=${BENCH_GREY:-60}
 BOUND=${BENCH_BOUND:-3}
 CONNS=4			# submission connections
 SIZE=2048		# message size, octets
@@ -74,7 +84,7 @@ if [ ! -x "$DNSMASQ" ]; then
 	echo "bench-throttle.sh: $DNSMASQ missing (tools/install-deps)" >&2
 	exit 1
 fi
-for v in N R BOUND; do
+for v in N R BOUND GREY; do
 	if ! [[ ${!v} =~ ^[1-9][0-9]{0,6}$ ]]; then
 		echo "bench-throttle.sh: bad $v: ${!v}" >&2
 		exit 1
@@ -82,7 +92,7 @@ for v in N R BOUND; do
 done
 for m in $MODES; do
 	case $m in
-	adaptive | naive) ;;
+	adaptive | naive | greylist) ;;
 	*)
 		echo "bench-throttle.sh: unknown mode $m" >&2
 		exit 1
@@ -90,7 +100,8 @@ for m in $MODES; do
 	esac
 done
 IDEAL=$(awk -v n="$N" -v r="$R" 'BEGIN { printf "%.1f", n * 60 / r }')
-LIMIT=$(awk -v i="$IDEAL" -v b="$BOUND" 'BEGIN { printf "%d", i * b + 0.5 }')
+LIMIT=$(awk -v i="$IDEAL" -v b="$BOUND" -v g="$GREY" 'BEGIN {
+    l = i * b; if (2 * g * b > l) l = 2 * g * b; printf "%d", l + 0.5 }')
 
 tmp=
 dns_pid=
@@ -157,12 +168,15 @@ start_dns() {
 	return 1
 }
 
-# start_sink DIR - the rate-limited receiver; sets sink_pid, sink_port
+# start_sink DIR MODE - the receiver (rate-limited, or greylisting);
+# sets sink_pid, sink_port
 start_sink() {
-	local i line
+	local i line limit="--rate $R/60"
+	[ "$2" = greylist ] && limit="--greylist $GREY"
+	# shellcheck disable=SC2086  # $limit is two words
 	"$BIN/fake-mx" -q -l "mx=$MX_IP:0" -r "$1/sink.json" \
 	    --events command,reply,message --no-flush -S -T 120 \
-	    -t $((LIMIT + SUBMIT_TIMEOUT + 120)) --rate "$R/60" \
+	    -t $((LIMIT + SUBMIT_TIMEOUT + 120)) $limit \
 	    >"$1/sink.out" 2>"$1/sink.err" &
 	sink_pid=$!
 	for ((i = 0; i < START_WAIT; i++)); do
@@ -186,6 +200,8 @@ start_relayd() {
 	if [ "$2" = naive ]; then
 		extra='retry_schedule = [ 60 ]; min_retry = 1;'
 		rules='reply_rules = ( { name = "naive"; code = "4xx"; class = "msg-temp"; } );'
+	elif [ "$2" = greylist ]; then
+		extra="greylist_retry = $GREY;"
 	fi
 	cat >"$1/relay.conf" <<EOF
 # Written by tools/bench-throttle.sh ($2).
@@ -241,10 +257,11 @@ delivered() {
 run_mode() {
 	local mode=$1 dir="$tmp/$1" out ok t0 i n q elapsed
 	mkdir -p "$dir" || return 1
-	start_sink "$dir" || return 1
+	start_sink "$dir" "$mode" || return 1
 	start_relayd "$dir" "$mode" || return 1
 	echo "== $mode: relayd pid $relayd_pid, receiver $MX_IP:$sink_port" \
-	    "(--rate $R/60)"
+	    "($([ "$mode" = greylist ] && echo "--greylist $GREY" ||
+	    echo "--rate $R/60"))"
 	t0=$(now)
 	out=$("$BIN/bench-submit" -H 127.0.0.1 -p "$smtp_port" -c "$CONNS" \
 	    -n "$N" -s "$SIZE" -t "$SUBMIT_TIMEOUT" -j)
@@ -351,9 +368,46 @@ analyse() {
 	    sed 's/^\([^ ]*\) [^ ]* site [^ ]* /     \1 /; s/ reply=.*//'
 	echo "   relayctl sites at the end:"
 	sed 's/^/     /' "$dir/sites.txt"
+	[ "$mode" = greylist ] && analyse_greylist "$mode" "$rec"
 	if [ "${res[$mode:dups]}" != 0 ] || [ "${res[$mode:loss]}" != 0 ]; then
 		status=1
 	fi
+}
+
+# analyse_greylist MODE RECORD - per message (its own recipient): the
+# time from its first RCPT to its delivery, and its RCPT attempts
+analyse_greylist() {
+	local mode=$1 line
+	line=$(awk -v g="$GREY" '
+	    function tval(l) { sub(/^\{"t":/, "", l); sub(/,.*/, "", l); return l + 0 }
+	    /"event":"rcpt"/ && match($0, /"arg":"<[^>]*>"/) {
+		k = substr($0, RSTART + 8, RLENGTH - 10)
+		if (!(k in first)) first[k] = tval($0)
+		tries[k]++
+	    }
+	    /"phase":"rcpt"/ && /"code":450/ { grey++ }
+	    /"event":"message"/ && match($0, /"rcpts":\["[^"]*"/) {
+		k = substr($0, RSTART + 10, RLENGTH - 11)
+		if (k in first) {
+			w = tval($0) - first[k]; n++; sum += w
+			if (w > max) max = w
+			if (w > 2 * g) late++
+		}
+	    }
+	    END {
+		for (k in tries) { a[tries[k]]++; if (tries[k] > mt) mt = tries[k] }
+		hist = ""
+		for (i = 1; i <= mt; i++) if (a[i]) hist = hist sprintf("%s%dx%d", hist == "" ? "" : ",", a[i], i)
+		printf "gmsgs=%d gmax=%.1f gmean=%.1f glate=%d g450=%d gtries=%s\n",
+		    n, max, n ? sum / n : 0, late + 0, grey + 0, hist
+	    }' "$2")
+	for kv in $line; do
+		res[$mode:${kv%%=*}]=${kv#*=}
+	done
+	echo "   greylisting: ${res[$mode:g450]} answered 450; first attempt ->" \
+	    "delivery: mean ${res[$mode:gmean]} s, longest ${res[$mode:gmax]} s" \
+	    "(bound G + one retry interval = $((2 * GREY)) s, ${res[$mode:glate]}" \
+	    "over); messages x attempts: ${res[$mode:gtries]}"
 }
 
 # ------------------------------------------------------------------- main
@@ -388,21 +442,27 @@ for mode in $MODES; do
 done
 
 echo "== summary (target: drain <= ${TARGET_RATIO} x ideal, <= ${TARGET_SHARE} %" \
-    "of transactions answered 421)"
+    "of transactions answered 421;"
+echo "   greylist: ideal = G, every message delivered within 2 G of its first" \
+    "attempt, no site decrease)"
 printf '%-9s %6s %8s %8s %6s %6s %6s %7s %9s %5s %5s %5s %6s\n' \
     mode msgs ideal_s drain_s ratio txns 421s share% 1stmin% dup loss decr target
 for mode in $MODES; do
 	[ -n "${res[$mode:mails]:-}" ] || continue
-	awk -v m="$mode" -v n="${res[$mode:msgs]}" -v i="$IDEAL" \
+	ideal=$IDEAL
+	[ "$mode" = greylist ] && ideal=$GREY
+	awk -v m="$mode" -v n="${res[$mode:msgs]}" -v i="$ideal" \
 	    -v d="${res[$mode:drain]}" -v t="${res[$mode:mails]}" \
 	    -v r="${res[$mode:r421]}" -v t60="${res[$mode:m60]}" \
 	    -v r60="${res[$mode:r60]}" -v dup="${res[$mode:dups]}" \
 	    -v loss="${res[$mode:loss]}" -v dec="${res[$mode:decreases]}" \
 	    -v cut="${res[$mode:cutoff]}" -v tr="$TARGET_RATIO" \
-	    -v ts="$TARGET_SHARE" 'BEGIN {
+	    -v ts="$TARGET_SHARE" -v glate="${res[$mode:glate]:-}" 'BEGIN {
 		ratio = d / i; share = t ? 100 * r / t : 0
 		s60 = t60 ? 100 * r60 / t60 : 0
 		ok = (cut == "no" && ratio <= tr && share <= ts) ? "met" : "missed"
+		if (glate != "")	# greylist: every message within 2 G
+			ok = (cut == "no" && glate == 0 && dec == 0) ? "met" : "missed"
 		printf "%-9s %6d %8.1f %8s %6.2f %6d %6d %7.1f %9.1f %5d %5d %5d %6s\n",
 		    m, n, i, (cut == "yes" ? ">" d : sprintf("%.1f", d)), ratio,
 		    t, r, share, s60, dup, loss, dec, ok }'

@@ -612,8 +612,8 @@ bench_next(struct bench_client *c)
 	c->dot_sent = false;
 	n = snprintf(cmd, sizeof cmd,
 	    "MAIL FROM:<bench@example.com> SIZE=%zu\r\n"
-	    "RCPT TO:<rcpt%u@example.net>\r\n"
-	    "DATA\r\n", b->o.size, c->idx);
+	    "RCPT TO:<rcpt%" PRIu64 "@example.net>\r\n"
+	    "DATA\r\n", b->o.size, c->msg);
 	bench_enter_state(c, BENCH_ST_ENVELOPE);
 	bench_send(c, cmd, (size_t)n, NULL, 0, false);
 }
