@@ -3,7 +3,8 @@
 #   make            build relayd, relayctl, the test tools and unit tests
 #   make run        install missing packages, build, run relayd on the
 #                   built-in default configuration in the foreground
-#   make test       install missing packages, build, run every test
+#   make test       install missing packages (with the tests' own: postfix,
+#                   postgrey), build, run every test
 #   make asan       the same build with ASan+UBSan in build-asan/
 #   make test-asan  every test against the ASan+UBSan build
 #   make bench      submission benchmark (docs/BENCHMARKS.md)
@@ -87,18 +88,22 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(BUILD)/librelay.a
 deps:
 	@tools/install-deps
 
+# What the tests need on top: private Postfix and postgrey instances.
+test-deps:
+	@tools/install-deps --test
+
 run: deps
 	$(MAKE) all
 	$(BUILD)/relayd -f -d
 
-test: deps
+test: test-deps
 	$(MAKE) all
 	BUILD=$(BUILD) tests/run
 
 asan:
 	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" LDFLAGS="-fsanitize=address,undefined" all
 
-test-asan: deps asan
+test-asan: test-deps asan
 	BUILD=build-asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 tests/run
 
@@ -127,7 +132,7 @@ install: $(BUILD)/relayd $(BUILD)/relayctl
 clean:
 	rm -rf build build-asan
 
-.PHONY: all deps run test asan test-asan bench bench-e2e bench-throttle check-style install clean
+.PHONY: all deps test-deps run test asan test-asan bench bench-e2e bench-throttle check-style install clean
 .SECONDARY:
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1358,3 +1358,516 @@ def dlv_results(log, rcpt=None, status=None):
     return [r for r in log_events(log, "dlv result")
             if (rcpt is None or r.get("rcpt") == rcpt) and
             (status is None or r.get("status") == status)]
+
+
+# ---------------------------------------------------------------------------
+# Real receivers: a private Postfix instance and postgrey (Debian's
+# packages, installed by `make test` through tools/install-deps --test).
+# Like Dnsmasq and FakeMX they are context managers registered for
+# cleanup_all(), and never outlive the test.
+
+POSTFIX = "/usr/sbin/postfix"
+POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
+POSTGREY = "/usr/sbin/postgrey"
+
+
+def need_program(path, package):
+    """Fail (never skip) when a program the test needs is missing."""
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        fail("%s is missing: install the Debian package %s (make test "
+             "does, through tools/install-deps --test)" % (path, package))
+
+
+def _system_ids(user):
+    """(uid, gid) of a system user, from /etc/passwd."""
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        fail("no system user %r (is its Debian package installed?)" % user)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _listening(address, port):
+    """True if some socket listens on address:port (IPv4, from
+    /proc/net/tcp: no connection is made, so a receiver's per-client
+    counters do not see it)."""
+    want = "%08X:%04X" % (int.from_bytes(socket.inet_aton(address),
+                                          "little"), port)
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == want and \
+                        fields[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _procs_with_env(var, value):
+    """Pids of the processes whose environment has var=value."""
+    want = ("%s=%s" % (var, value)).encode()
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % p, "rb") as f:
+                if want in f.read().split(b"\0"):
+                    pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+class PrivatePostfix:
+    """A private Postfix (Debian's postfix package) in its own temporary
+    directory: etc/ (main.cf, master.cf), queue/, data/, mail/ and the
+    log file maillog. smtpd listens on address:port (127.0.0.2.., a free
+    port) and delivers the given domains with virtual(8) into one Maildir,
+    mail/inbox/new/ (one file per message and recipient, with its
+    Delivered-To:), as user nobody. Nothing else is delivered
+    (default_transport = error) and Postfix makes no DNS query (no peer
+    name lookup, no MX lookup).
+
+        with PrivatePostfix(domains=["pf.test"],
+                            main={"smtpd_client_message_rate_limit": 3})
+                as pf:
+            ... relayd with delivery.port = pf.port ...
+            pf.wait_messages(n)     # [{"rcpt", "subject", "message_id",
+                                    #   "box", "path", "headers"}]
+
+    main: more main.cf settings (they override the defaults below).
+    The master runs with -e lifetime, so even a runner killed with
+    SIGKILL leaves no Postfix behind for long. close() sends SIGTERM to
+    the master, then SIGKILL to any process still carrying this
+    instance's MAIL_CONFIG.
+    """
+
+    def __init__(self, domains=("pf.test",), address="127.0.0.3", main=None,
+                 lifetime=300, hostname="mx.pf.test"):
+        check(address.startswith("127.") and address != "127.0.0.1",
+              "Postfix address %r: use 127.0.0.2.." % address)
+        self.domains = list(domains)
+        self.address = address
+        self.main = dict(main or {})
+        self.lifetime = lifetime
+        self.hostname = hostname
+        self.dir = None
+        self.port = None
+        self.master_pid = None
+
+    # -- paths ------------------------------------------------------------
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def etc(self):
+        return self.path("etc")
+
+    @property
+    def maillog(self):
+        return self.path("maillog")
+
+    # -- configuration ----------------------------------------------------
+    def main_cf(self):
+        d = self.dir
+        conf = [
+            ("compatibility_level", "3.6"),
+            ("queue_directory", self.path("queue")),
+            ("data_directory", self.path("data")),
+            ("mail_owner", "postfix"),
+            ("setgid_group", "postdrop"),
+            ("myhostname", self.hostname),
+            ("mydomain", self.hostname.split(".", 1)[-1]),
+            ("myorigin", "$myhostname"),
+            ("mydestination", ""),
+            ("local_recipient_maps", ""),
+            ("alias_maps", ""),
+            ("alias_database", ""),
+            ("biff", "no"),
+            # The address must be a local interface's: master.cf binds
+            # smtpd to self.address (any of 127/8 works on Linux).
+            ("inet_interfaces", "loopback-only"),
+            ("inet_protocols", "ipv4"),
+            ("mynetworks", "127.0.0.0/8"),
+            ("smtpd_peername_lookup", "no"),
+            ("smtp_dns_support_level", "disabled"),
+            ("default_transport", "error:this test instance sends nothing"),
+            ("relay_transport", "error:this test instance relays nothing"),
+            ("relay_domains", ""),
+            ("virtual_mailbox_domains", ", ".join(self.domains)),
+            ("virtual_mailbox_base", self.path("mail")),
+            # virtual(8) refuses regexp substitutions here: one Maildir
+            # for every recipient; Delivered-To: tells them apart.
+            ("virtual_mailbox_maps", "static:inbox/"),
+            ("virtual_uid_maps", "static:%d" % self.mail_ids[0]),
+            ("virtual_gid_maps", "static:%d" % self.mail_ids[1]),
+            ("maillog_file", self.maillog),
+            ("maillog_file_prefixes", d),
+            ("smtpd_tls_security_level", "none"),
+        ]
+        keys = {k for k, _ in conf}
+        out = ["# written by tests/integration/relaylib.py PrivatePostfix"]
+        out += ["%s = %s" % (k, self.main.get(k, v)) for k, v in conf]
+        out += ["%s = %s" % (k, v) for k, v in self.main.items()
+                if k not in keys]
+        return "\n".join(out) + "\n"
+
+    def master_cf(self):
+        # Debian's services, none chrooted, smtpd on our address:port.
+        return """\
+%s:%d inet n - n - - smtpd
+pickup     unix  n - n 60    1 pickup
+cleanup    unix  n - n -     0 cleanup
+qmgr       unix  n - n 300   1 qmgr
+tlsmgr     unix  - - n 1000? 1 tlsmgr
+rewrite    unix  - - n -     - trivial-rewrite
+bounce     unix  - - n -     0 bounce
+defer      unix  - - n -     0 bounce
+trace      unix  - - n -     0 bounce
+verify     unix  - - n -     1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -     - proxymap
+proxywrite unix  - - n -     1 proxymap
+smtp       unix  - - n -     - smtp
+relay      unix  - - n -     - smtp
+showq      unix  n - n -     - showq
+error      unix  - - n -     - error
+retry      unix  - - n -     - error
+discard    unix  - - n -     - discard
+virtual    unix  - n n -     - virtual
+anvil      unix  - - n -     1 anvil
+scache     unix  - - n -     1 scache
+postlog    unix-dgram n - n - 1 postlogd
+""" % (self.address, self.port)
+
+    def _write(self, name, text):
+        with open(self.path("etc", name), "w") as f:
+            f.write(text)
+
+    # -- process ----------------------------------------------------------
+    def start(self):
+        need_program(POSTFIX, "postfix")
+        need_program(POSTFIX_MASTER, "postfix")
+        pf_uid, _ = _system_ids("postfix")
+        self.mail_ids = _system_ids("nobody")
+        self.dir = tempfile.mkdtemp(prefix="relay-pf-")
+        # Postfix's daemons (user postfix) and virtual(8) (user nobody)
+        # open data/ and mail/ by absolute path.
+        os.chmod(self.dir, 0o755)
+        for sub in ("etc", "queue", "data", "mail"):
+            os.makedirs(self.path(sub))
+        os.chown(self.path("data"), pf_uid, -1)
+        os.chown(self.path("mail"), *self.mail_ids)
+        with _helpers_lock:
+            _helpers.add(self)
+        for attempt in range(5):
+            self.port = free_port(self.address)
+            self._write("main.cf", self.main_cf())
+            self._write("master.cf", self.master_cf())
+            if attempt == 0:
+                # Creates the queue's subdirectories with the owners
+                # Postfix expects (as "postfix start" does).
+                p = subprocess.run([POSTFIX, "-c", self.etc, "check"],
+                                   capture_output=True, timeout=60 * SLOW,
+                                   stdin=subprocess.DEVNULL)
+                if p.returncode != 0:
+                    fail("postfix check failed (rc=%d): %s" % (
+                        p.returncode, self._why(p, ["check"])))
+            if self._spawn():
+                return self
+            self.close(check_exit=False, keep_helper=True)
+            if "in use" not in self.log():
+                break
+        fail("Postfix did not start on %s:%s; maillog:\n%s" % (
+            self.address, self.port, tail(self.log())))
+
+    def _why(self, p, args):
+        """What a failed postfix command said: it writes its fatal
+        message to stderr only on a terminal (else to syslog), so run it
+        again under script(1) to see it."""
+        text = (p.stdout + p.stderr).decode("utf-8", "replace").strip()
+        if not text and shutil.which("script"):
+            q = subprocess.run(["script", "-qec", " ".join(
+                [POSTFIX, "-c", self.etc] + args), "/dev/null"],
+                capture_output=True, timeout=60 * SLOW,
+                stdin=subprocess.DEVNULL)
+            text = q.stdout.decode("utf-8", "replace").strip()
+        return tail(text + "\n" + self.log(), 20)
+
+    def _spawn(self):
+        # master -w: a dummy foreground process exits 0 once the master
+        # (a daemon of its own) is ready; -e: it exits after lifetime s.
+        p = subprocess.run([POSTFIX_MASTER, "-c", self.etc, "-w",
+                            "-e", str(int(self.lifetime))],
+                           capture_output=True, timeout=60 * SLOW,
+                           stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            return False
+        try:
+            with open(self.path("queue", "pid", "master.pid")) as f:
+                self.master_pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return False
+        deadline = time.monotonic() + 10 * SLOW
+        for _ in range(int(10 * SLOW / 0.05) + 1):
+            if _listening(self.address, self.port):
+                return True
+            if not self.running() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return False
+
+    def _is_master(self, pid):
+        """pid is this instance's master: "master -c <etc> ..." (its
+        MAIL_CONFIG is set with setenv(), which /proc does not show)."""
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        except (OSError, IndexError):
+            return False
+        return not zombie and self.etc.encode() in argv and \
+            os.path.basename(argv[0]) == b"master"
+
+    def running(self):
+        return bool(self.master_pid) and self._is_master(self.master_pid)
+
+    def procs(self):
+        """Pids of this instance: the master and its children (which
+        carry MAIL_CONFIG=<etc> in their environment)."""
+        if self.dir is None:
+            return []
+        pids = _procs_with_env("MAIL_CONFIG", self.etc)
+        if self.master_pid and self.running():
+            pids.append(self.master_pid)
+        return sorted(set(pids))
+
+    def close(self, check_exit=True, keep_helper=False):
+        """SIGTERM to the master (it passes it on to its children), then
+        SIGKILL to whatever of this instance is left."""
+        try:
+            if self.dir is None:
+                return
+            left = self.procs()
+            if self.master_pid in left:
+                try:
+                    os.kill(self.master_pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10 * SLOW
+            for _ in range(int(10 * SLOW / 0.05) + 1):
+                left = self.procs()
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.master_pid = None
+            if left and check_exit:
+                fail("Postfix processes %s ignored SIGTERM to the master"
+                     % left)
+        finally:
+            if not keep_helper:
+                with _helpers_lock:
+                    _helpers.discard(self)
+
+    def cleanup(self):
+        if self.dir is None:
+            return
+        if os.environ.get("RELAY_IT_KEEP"):
+            print("# kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close(check_exit=False)
+            self.cleanup()
+            raise
+
+    def __exit__(self, et, ev, tb):
+        try:
+            self.close(check_exit=et is None)
+        finally:
+            self.cleanup()
+        return False
+
+    # -- observation ------------------------------------------------------
+    def log(self):
+        try:
+            with open(self.maillog, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def messages(self):
+        """Every message virtual(8) delivered, as dicts: rcpt (its
+        Delivered-To), subject, message_id, path, headers (bytes)."""
+        out = []
+        base = self.path("mail")
+        for box in sorted(os.listdir(base)):
+            new = os.path.join(base, box, "new")
+            try:
+                names = sorted(os.listdir(new))
+            except OSError:
+                continue
+            for name in names:
+                p = os.path.join(new, name)
+                with open(p, "rb") as f:
+                    data = f.read()
+                head = re.split(rb"\r?\n\r?\n", data, 1)[0]
+
+                def field(fname):
+                    m = re.search(rb"(?im)^" + fname + rb":[ \t]*(.*)$",
+                                  head)
+                    return m.group(1).strip().decode("utf-8", "replace") \
+                        if m else None
+                out.append(dict(rcpt=field(b"Delivered-To"),
+                                subject=field(b"Subject"),
+                                message_id=field(b"Message-ID"),
+                                box=box, path=p, headers=head))
+        return out
+
+    def wait_messages(self, n, timeout=10.0):
+        return wait_until(lambda: (lambda m: m if len(m) >= n else None)(
+            self.messages()), timeout, 0.1,
+            "%d message(s) delivered by Postfix" % n)
+
+    def queued(self):
+        """Queue files Postfix has not delivered yet."""
+        n = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(self.path("queue", sub)):
+                n += len(files)
+        return n
+
+
+class Postgrey:
+    """postgrey (Debian's package) on 127.0.0.1:<free port>, its database
+    in its own directory (writable by user postgrey, to which it drops
+    privileges), greylisting for delay seconds, with empty whitelists
+    and no auto-whitelisting of clients, logging to <dir>/postgrey.log.
+
+        with Postgrey(delay=5) as pg:
+            ... smtpd_recipient_restrictions =
+                    check_policy_service inet:127.0.0.1:%d % pg.port
+    """
+
+    def __init__(self, delay=5, args=()):
+        self.delay = delay
+        self.args = list(args)
+        self.dir = None
+        self.proc = None
+        self.port = None
+        self._log = None
+
+    @property
+    def policy_service(self):
+        return "inet:%s:%d" % (HOST, self.port)
+
+    @property
+    def logpath(self):
+        return os.path.join(self.dir, "postgrey.log")
+
+    def start(self):
+        need_program(POSTGREY, "postgrey")
+        uid, gid = _system_ids("postgrey")
+        self.dir = tempfile.mkdtemp(prefix="relay-pg-")
+        os.chmod(self.dir, 0o755)
+        db = os.path.join(self.dir, "db")
+        os.makedirs(db)
+        os.chown(db, uid, gid)
+        os.chmod(db, 0o700)
+        empty = os.path.join(self.dir, "empty-whitelist")
+        open(empty, "w").close()
+        for attempt in range(5):
+            self.port = free_port(HOST)
+            argv = [POSTGREY, "--inet=%s:%d" % (HOST, self.port),
+                    "--dbdir=" + db, "--delay=%d" % self.delay,
+                    "--auto-whitelist-clients=0",
+                    "--whitelist-clients=" + empty,
+                    "--whitelist-recipients=" + empty,
+                    "--hostname=postgrey.test"] + self.args
+            self._log = open(self.logpath, "ab")
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                stderr=self._log, preexec_fn=_pdeathsig(signal.SIGKILL))
+            with _helpers_lock:
+                _helpers.add(self)
+            if self._wait_ready(20.0):
+                return self
+            self.close(check_exit=False)
+            if "in use" not in self.log():
+                break
+        fail("postgrey did not start; its log:\n%s" % tail(self.log()))
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout * SLOW
+        for _ in range(int(timeout * SLOW / 0.05) + 1):
+            if self.proc.poll() is not None:
+                return False
+            if _listening(HOST, self.port):
+                return True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return False
+
+    def log(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except (OSError, TypeError):
+            return ""
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self, check_exit=True):
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10 * SLOW)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        finally:
+            with _helpers_lock:
+                _helpers.discard(self)
+
+    def cleanup(self):
+        if self.dir is None:
+            return
+        if os.environ.get("RELAY_IT_KEEP"):
+            print("# kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close(check_exit=False)
+            self.cleanup()
+            raise
+
+    def __exit__(self, et, ev, tb):
+        try:
+            self.close(check_exit=et is None)
+        finally:
+            self.cleanup()
+        return False
