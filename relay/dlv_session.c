@@ -108,7 +108,7 @@ struct dlv_session {
 	int cur_lines;			/* lines in cur so far */
 	bool cur_bad;			/* cur is malformed */
 	struct smtp_reply last;		/* last failure, for ops->closed */
-	const char *last_why;		/* its reason */
+	struct verdict last_v;		/* its classification */
 	bool next_host;			/* on close: try the next host */
 	bool aborting;			/* dlv_session_abort was called */
 	bool waiting;			/* READY after a DLV_TXN_WAIT */
@@ -176,7 +176,9 @@ dlv_session_start(uv_loop_t *loop, uint64_t id,
 	s->ops = ops;
 	s->arg = arg;
 	buf_init(&s->body);
-	s->last_why = "no host to try";
+	s->last_v.why = "no host to try";
+	s->last_v.cls = VERDICT_CLASS_CONN_FAIL;
+	s->last_v.rule = "none";
 	dlv_try_host(s);
 	return s;
 }
@@ -279,13 +281,15 @@ dlv_try_host(struct dlv_session *s)
 		s->last.code = 0;
 		snprintf(s->last.text, sizeof s->last.text, "connect: %s",
 		    uv_strerror(rc));
-		s->last_why = "connection failure";
+		s->last_v.why = "connection failure";
+		s->last_v.cls = VERDICT_CLASS_CONN_FAIL;
+		s->last_v.rule = "none";
 		s->next_host = true;
 		conn_close(s->conn, "connect failed");
 		return;		/* dlv_on_closed moves on */
 	}
 	/* Every host failed before a transaction could start. */
-	s->ops->closed(s->arg, s, s->delivered, &s->last, s->last_why);
+	s->ops->closed(s->arg, s, s->delivered, &s->last, &s->last_v);
 	free(s->t.hosts);
 	buf_free(&s->body);
 	free(s);
@@ -430,7 +434,7 @@ dlv_fail(struct dlv_session *s, enum dlv_phase phase,
 	verdict_classify_rules(s->t.rules, phase, r,
 	    r == &io ? (io_err ? io_err : -EIO) : 0, &v);
 	s->last = *r;
-	s->last_why = v.why;
+	s->last_v = v;
 	if (s->txn) {
 		dlv_txn_resolve(s, RCPT_UNTOUCHED, phase, &v, r);
 		dlv_txn_resolve(s, RCPT_ACCEPTED, phase, &v, r);
@@ -440,9 +444,11 @@ dlv_fail(struct dlv_session *s, enum dlv_phase phase,
 	s->next_host = !s->aborting && s->conn_txns == 0 &&
 	    v.action == VERDICT_NEXT_MX;
 	log_info("%016llx dlv host-failed domain=%s host=%s addr=%s phase=%s "
-	    "code=%d reply=\"%.200s\" action=%s", (unsigned long long)s->id,
-	    s->t.domain, dlv_session_host(s), s->addr, dlv_phase_name(phase),
-	    r->code, r->text, s->next_host ? "next-host" : "end");
+	    "code=%d reply=\"%.200s\" action=%s class=%s rule=%s",
+	    (unsigned long long)s->id, s->t.domain, dlv_session_host(s),
+	    s->addr, dlv_phase_name(phase), r->code, r->text,
+	    s->next_host ? "next-host" : "end", verdict_class_name(v.cls),
+	    v.rule);
 	if (s->conn)
 		conn_close(s->conn, v.why);
 }
@@ -961,7 +967,7 @@ dlv_on_closed(struct conn *c)
 		dlv_try_host(s);
 		return;
 	}
-	s->ops->closed(s->arg, s, s->delivered, &s->last, s->last_why);
+	s->ops->closed(s->arg, s, s->delivered, &s->last, &s->last_v);
 	free(s->t.hosts);
 	buf_free(&s->body);
 	free(s);

@@ -91,10 +91,11 @@ struct dlv_ops {
 	void (*done)(void *arg, struct dlv_session *s, struct dlv_txn *t);
 	/*
 	 * closed - the session is over. delivered counts transactions done.
-	 * If no host could be used, last/why say what the last one did.
+	 * If no host could be used, last and lastv say what the last one
+	 * did and how verdict.c classified it (class, hint, rule, why).
 	 */
 	void (*closed)(void *arg, struct dlv_session *s, unsigned delivered,
-	    const struct smtp_reply *last, const char *why);
+	    const struct smtp_reply *last, const struct verdict *lastv);
 };
 
 /* dlv_session_start - copy target and begin with its first host */

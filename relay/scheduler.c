@@ -172,7 +172,8 @@ static bool sched_on_connecting(void *arg, struct dlv_session *s,
 static void sched_on_done(void *arg, struct dlv_session *s,
     struct dlv_txn *t);
 static void sched_on_closed(void *arg, struct dlv_session *s,
-    unsigned delivered, const struct smtp_reply *last, const char *why);
+    unsigned delivered, const struct smtp_reply *last,
+    const struct verdict *lastv);
 static void sched_on_update(void *arg, int status);
 static void sched_on_bounce_commit(void *arg, int status, const char *id);
 static void sched_kick(struct sched_dest *d);
@@ -1471,7 +1472,7 @@ sched_on_done(void *arg, struct dlv_session *dlv, struct dlv_txn *t)
 
 static void
 sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
-    const struct smtp_reply *last, const char *why)
+    const struct smtp_reply *last, const struct verdict *lastv)
 {
 	struct sched_conn *sc = arg;
 	struct sched *s = sc->sched;
@@ -1486,17 +1487,27 @@ sched_on_closed(void *arg, struct dlv_session *dlv, unsigned delivered,
 		d->nwaiting--;
 	if (ss) {
 		ss->active--;
-		/* No transaction at all: the host refused to talk. A 421
-		 * greeting is the receiver asking for calm (RECEIVERS 2). */
+		/* No transaction at all: the host refused to talk. What
+		 * that means is verdict.c's: a 421 greeting is the receiver
+		 * asking for calm (RECEIVERS 2), a block greeting a
+		 * suspension, anything else a connection failure. */
 		if (delivered == 0 && tried && !s->stopping) {
+			enum site_signal sig = SITE_SIG_CONN_FAIL;
+			int hint = 0;
 			char text[1100];
 			unsigned fx;
 
+			if (lastv->cls == VERDICT_CLASS_THROTTLE) {
+				sig = SITE_SIG_THROTTLE;
+				hint = lastv->hint_s;
+			} else if (lastv->cls == VERDICT_CLASS_SUSPEND) {
+				sig = SITE_SIG_SUSPEND;
+				hint = lastv->hint_s > lastv->suspend_s ?
+				    lastv->hint_s : lastv->suspend_s;
+			}
 			sched_reply_text(last, text, sizeof text);
-			fx = site_report(ss->site, last->code == 421 ?
-			    SITE_SIG_THROTTLE : SITE_SIG_CONN_FAIL,
-			    time_wall_ms(), last->code == 421 ?
-			    verdict_hint_seconds(last->text) : 0, text);
+			fx = site_report(ss->site, sig, time_wall_ms(), hint,
+			    text);
 			sched_site_fx(s, ss, fx, text);
 		}
 	}
