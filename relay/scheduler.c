@@ -1419,8 +1419,26 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 	}
 
 	while ((it = TAILQ_FIRST(&d->ready)) != NULL && !sc->sched->stopping) {
+		size_t cap = d->shape.max_rcpts_per_txn > 0 ?
+		    (size_t)d->shape.max_rcpts_per_txn : it->n;
+
 		TAILQ_REMOVE(&d->ready, it, entry);
 		d->nready--;
+		if (it->n > cap) {
+			/* Items are grouped per domain before the MX, and so
+			 * the site's shaping, is known: the recipients over
+			 * the site's limit wait at the head of the queue for
+			 * the next transaction. */
+			struct sched_item *rest = sched_item_new(it->msg, d,
+			    it->due, it->n - cap);
+
+			memcpy(rest->idx, it->idx + cap,
+			    (it->n - cap) * sizeof *rest->idx);
+			rest->n = it->n - cap;
+			it->n = cap;
+			TAILQ_INSERT_HEAD(&d->ready, rest, entry);
+			d->nready++;
+		}
 		memset(t, 0, sizeof *t);
 		if ((rc = spool_body_open(sc->sched->relay->spool, it->msg->id,
 		    &t->fd)) < 0) {

@@ -549,6 +549,30 @@ def test_421_before_a_reset_is_read():
               "added)" % (len(got), len(big)))
 
 
+def test_site_recipients_per_transaction():
+    """shaping.domains sets max_recipients_per_transaction = 2 for
+    ok.test while delivery's default is 100: a message with 5 recipients
+    there goes out in transactions of 2, 2 and 1, each recipient once."""
+    rcpts = ["m%d@ok.test" % i for i in range(5)]
+    extra = ('shaping = { domains = ( { domain = "ok.test"; '
+             'max_recipients_per_transaction = 2; } ); };')
+    with Dnsmasq(ZONE) as dns, FakeMX({"ok": "127.0.0.4"}) as mx, \
+            RelayD(listeners=[dict(name="plain", tls="none",
+                                   auth_required=False)],
+                   dns=dns_conf(dns), extra=extra,
+                   delivery={"port": mx.port}) as d:
+        submit(d, [(rcpts, body_for("split"))])
+        for r in rcpts:
+            x = wait_results(d, r, "sent", timeout=10)[0]
+            eq(x["attempt"], "1", "attempt of %s" % r)
+        L.wait_until(lambda: d.queue_count() == 0, 5, 0.05, "empty queue")
+        got = [m["rcpts"] for m in mx.messages()]
+        eq(sorted(len(g) for g in got), [1, 2, 2],
+           "recipients per transaction at ok.test")
+        eq(sorted(r for g in got for r in g), sorted(rcpts),
+           "recipients delivered")
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 
