@@ -610,8 +610,10 @@ dlv_ready(struct dlv_session *s)
 	if (!s->aborting && (s->t.max_msgs <= 0 ||
 	    s->conn_txns < (unsigned)s->t.max_msgs))
 		t = s->ops->next(s->arg, s);
-	if (t == DLV_TXN_WAIT) {
+	if (t == DLV_TXN_WAIT || t == DLV_TXN_LINGER) {
 		s->waiting = true;	/* idle until poked or timed out */
+		if (t == DLV_TXN_LINGER && s->conn)
+			conn_set_timeout(s->conn, s->t.linger_ms);
 		return;
 	}
 	if (t == NULL) {
@@ -913,7 +915,7 @@ dlv_on_timeout(struct conn *c)
 		return;
 	}
 	if (s->state == DLV_ST_READY && s->waiting) {
-		/* Idled long enough waiting for a rate token: leave nicely. */
+		/* Idled long enough for a token or more work: leave nicely. */
 		s->waiting = false;
 		dlv_enter_state(s, DLV_ST_QUIT);
 		dlv_send(s, "QUIT");

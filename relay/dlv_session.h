@@ -50,6 +50,7 @@ struct dlv_target {
 	SSL_CTX *tls_ctx;		/* client context (not owned) */
 	int max_msgs;			/* transactions per connection */
 	uint64_t timeout_ms[DLV_PHASE_LAST];	/* per phase */
+	uint64_t linger_ms;		/* DLV_TXN_LINGER: how long to stay */
 	const struct cfg_reply_rules *rules;	/* operator reply rules (the
 						 * owner keeps the config) */
 };
@@ -75,8 +76,13 @@ struct dlv_txn {
 
 struct dlv_session;
 
-/* ops->next may answer "nothing yet, stay connected": see dlv_session_poke */
+/*
+ * ops->next may answer "nothing yet, stay connected": see dlv_session_poke.
+ * WAIT idles up to the RSET timeout (work is due soon: a rate token);
+ * LINGER up to target.linger_ms (no work now, more may come), then QUIT.
+ */
 #define DLV_TXN_WAIT ((struct dlv_txn *)1)
+#define DLV_TXN_LINGER ((struct dlv_txn *)2)
 
 struct dlv_ops {
 	/*

@@ -50,6 +50,8 @@
 #define SCHED_HOLD_MAX_MS	60000	/* longest hold */
 #define SCHED_SAVE_DELAY_MS	1000	/* site state writes, debounced */
 #define SCHED_GREY_JITTER_S	60	/* spread of greylist retries */
+#define SCHED_LINGER_MS		2000	/* an idle session waits this long for
+					   more work before QUIT */
 
 /* config/ mirrors these enums without including relay/ headers. */
 _Static_assert((int)CFG_PHASE_LAST == (int)DLV_PHASE_LAST, "phase mirror");
@@ -129,7 +131,8 @@ struct sched_conn {
 	struct sockaddr_storage counted;	/* address charged to the cap */
 	bool charged;			/* counted is charged */
 	bool tried;			/* some host was allowed a connect */
-	bool waiting;			/* idling for a rate token */
+	bool waiting;			/* idling for a rate token, or lingering */
+	bool lingering;			/* idling for more work (DLV_TXN_LINGER) */
 	bool asked;			/* greeted and asked for work */
 	struct sched_site *site;	/* site charged with this session */
 	struct relay_config *cfg;	/* snapshot its reply rules live in */
@@ -1216,6 +1219,23 @@ sched_starve(struct sched *s, struct sched_dest *d)
 	TAILQ_INSERT_TAIL(&s->starved, d, starve);
 }
 
+/*
+ * sched_release_lingering - a destination waits for a session slot: the
+ * sessions idling for more work of their own give theirs up (poked, they
+ * find s->starved not empty and QUIT).
+ */
+static void
+sched_release_lingering(struct sched *s)
+{
+	struct sched_conn *sc, *sn;
+
+	for (sc = LIST_FIRST(&s->conns); sc; sc = sn) {
+		sn = LIST_NEXT(sc, entry);
+		if (sc->lingering)
+			dlv_session_poke(sc->dlv);
+	}
+}
+
 /* sched_kick - resolve, fail, or open sessions for d as caps allow */
 static void
 sched_kick(struct sched_dest *d)
@@ -1274,6 +1294,7 @@ sched_kick(struct sched_dest *d)
 		if (s->active >= cfg->delivery.max_connections) {
 			/* The global cap: wait for any session to end. */
 			sched_starve(s, d);
+			sched_release_lingering(s);
 			return;
 		}
 		struct dlv_target t;
@@ -1299,6 +1320,7 @@ sched_kick(struct sched_dest *d)
 			/* Every address at its cap (maybe another domain's
 			 * sessions to a shared MX): wait for a session end. */
 			sched_starve(s, d);
+			sched_release_lingering(s);
 			return;
 		}
 		/* Do not open more sessions than there is work for. */
@@ -1328,6 +1350,7 @@ sched_kick(struct sched_dest *d)
 		    cfg->hostname, sizeof t.helo);
 		t.has_source = cfg->delivery.has_source;
 		t.source = cfg->delivery.source;
+		t.linger_ms = SCHED_LINGER_MS;
 		t.max_msgs = d->shape.set && d->shape.max_msgs_per_conn > 0 ?
 		    d->shape.max_msgs_per_conn :
 		    cfg->delivery.max_messages_per_connection;
@@ -1397,8 +1420,25 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 	int rc;
 
 	sc->asked = true;	/* the host took us: not a connection failure */
-	if (TAILQ_EMPTY(&d->ready) || sc->sched->stopping)
+	sc->lingering = false;
+	if (sc->sched->stopping)
 		goto none;
+	if (TAILQ_EMPTY(&d->ready)) {
+		/*
+		 * Nothing now: stay a moment for the next message rather
+		 * than QUIT and reconnect (a new connection per message or
+		 * two otherwise, which a receiver's connection rate limit
+		 * counts), unless a destination waits for a session slot.
+		 */
+		if (!TAILQ_EMPTY(&sc->sched->starved))
+			goto none;
+		if (!sc->waiting) {
+			sc->waiting = true;
+			d->nwaiting++;
+		}
+		sc->lingering = true;
+		return DLV_TXN_LINGER;
+	}
 	if (d->site && !site_take_token(d->site->site, now, &next)) {
 		/* Over the site's message rate: idle on this connection
 		 * until the token is due rather than reconnecting later. */
