@@ -308,6 +308,8 @@ sched_site_limits(const struct relay_config *cfg,
 		lim->max_rate = sh->rate;
 	if (sh->min_rate > 0)
 		lim->min_rate = sh->min_rate;
+	if (sh->conn_rate > 0)
+		lim->conn_rate = sh->conn_rate;
 	if (lim->min_conn > lim->max_conn)
 		lim->min_conn = lim->max_conn;
 	if (lim->min_rate > lim->max_rate)
@@ -1403,6 +1405,8 @@ sched_on_connecting(void *arg, struct dlv_session *dlv,
 		return false;
 	}
 	e->count++;
+	if (sc->site)		/* every connection counts against the rate */
+		site_conn_open(sc->site->site, time_wall_ms());
 	sc->counted = *addr;
 	sc->charged = true;
 	sc->tried = true;
@@ -1722,6 +1726,12 @@ sched_ready_reason(struct sched *s, struct sched_dest *d, struct buf *out)
 			    site_name(d->site->site), d->site->active,
 			    site_conn_limit(d->site->site),
 			    site_mode_name(site_mode(d->site->site)), when);
+			return;
+		}
+		if (lim & SITE_LIMIT_CONN_RATE) {
+			buf_printf(out, "site %s is at its connection rate; "
+			    "next connection at %s UTC",
+			    site_name(d->site->site), when);
 			return;
 		}
 	}

@@ -147,6 +147,7 @@ struct site {
 					   cut, or the step undone); increases
 					   slow down below it (0: none) */
 	double tat;			/* GCRA theoretical arrival time, ms */
+	double conn_tat;		/* the same for new connections */
 	int64_t last_decrease;		/* time of the last cut (0: never) */
 	int64_t step_from;		/* start of the current recovery interval:
 					   the last cut, step, throttle signal or
@@ -221,6 +222,7 @@ static unsigned site_throttled(struct site *, int64_t, int64_t);
 static unsigned site_episode_end(struct site *, int64_t);
 static int64_t site_hint_ms(const struct site *, int);
 static bool site_gcra(struct site *, int64_t, bool, int64_t *);
+static bool site_conn_gcra(struct site *, int64_t, bool, int64_t *);
 static int site_host_index(const struct site *, const char *);
 static enum site_mode site_mode_at(const struct site *, int64_t);
 
@@ -242,6 +244,7 @@ site_limits_default(struct site_limits *lim)
 	lim->suspend_base_ms = 15 * 60 * 1000;
 	lim->suspend_max_ms = 4 * 3600 * 1000;
 	lim->host_down_ms = 300 * 1000;
+	lim->conn_rate = 0;		/* none: the configuration sets it */
 }
 
 /* site_limits_check - 0 if lim is usable, else RELAY_ECONFIG and *why */
@@ -273,6 +276,8 @@ site_limits_check(const struct site_limits *lim, const char **why)
 	    lim->decrease_window_ms > SITE_DURATION_MAX_MS ||
 	    lim->increase_every_ms > SITE_DURATION_MAX_MS)
 		w = "durations must be at most 30 days";
+	else if (!(lim->conn_rate >= 0) || lim->conn_rate > SITE_RATE_MAX)
+		w = "conn_rate must be 0 (none) or at most 1e6/s";
 	if (why)
 		*why = w;
 	return w ? RELAY_ECONFIG : 0;
@@ -350,6 +355,11 @@ site_may_connect(struct site *s, int active_conns, int64_t now, int64_t *next)
 		if (t > lift)
 			lift = t;
 	}
+	if (!site_conn_gcra(s, now, false, &t)) {
+		mask |= SITE_LIMIT_CONN_RATE;
+		if (t > lift)
+			lift = t;
+	}
 
 	/* What is in use is what the next cut starts from. */
 	s->last_active = active_conns + (mask == 0 ? 1 : 0);
@@ -359,12 +369,24 @@ site_may_connect(struct site *s, int active_conns, int64_t now, int64_t *next)
 	if (next) {
 		if (mask == 0)
 			*next = now;
-		else if (mask & (SITE_LIMIT_HOLD | SITE_LIMIT_RATE))
+		else if (mask & (SITE_LIMIT_HOLD | SITE_LIMIT_RATE |
+		    SITE_LIMIT_CONN_RATE))
 			*next = lift;
 		else
 			*next = SITE_NEVER;
 	}
 	return mask;
+}
+
+/* site_conn_open - take a connection-rate token (see site.h) */
+void
+site_conn_open(struct site *s, int64_t now)
+{
+	int64_t t;
+
+	site_clock(s, now);
+	if (s->lim.conn_rate > 0 && !site_conn_gcra(s, now, true, &t))
+		s->conn_tat += 1000.0 / s->lim.conn_rate;	/* in debt */
 }
 
 /* site_take_token - take one message-rate token, or say when */
@@ -621,6 +643,7 @@ site_to_json(const struct site *s, int64_t now, struct buf *out)
 	    s->conn, s->lim.max_conn, s->lim.min_conn);
 	buf_printf(out, ",\"rate\":%.3f,\"rate_max\":%.3f,\"rate_min\":%.3f",
 	    s->rate, s->lim.max_rate, s->lim.min_rate);
+	buf_printf(out, ",\"conn_rate\":%.3f", s->lim.conn_rate);
 	if (mode == SITE_SUSPENDED)
 		buf_printf(out, ",\"suspended_until\":%" PRId64, s->suspended_until);
 	else
@@ -1015,6 +1038,7 @@ site_clock(struct site *s, int64_t now)
 			if (s->hosts[i].until != 0)
 				s->hosts[i].until += d;
 		s->tat += (double)d;
+		s->conn_tat += (double)d;
 		s->rate_since = now;
 		s->sent_since = 0;
 	}
@@ -1362,6 +1386,32 @@ site_gcra(struct site *s, int64_t now, bool take, int64_t *when)
 	if (take)
 		s->tat = tat + t_ms;
 	*when = now;
+	return true;
+}
+
+/*
+ * site_conn_gcra - site_gcra for new connections: one every 1/conn_rate,
+ * up to max_conn at once; always true without a connection rate.
+ */
+static bool
+site_conn_gcra(struct site *s, int64_t now, bool take, int64_t *when)
+{
+	double t_ms, tau, tat;
+
+	*when = now;
+	if (s->lim.conn_rate <= 0)
+		return true;
+	t_ms = 1000.0 / s->lim.conn_rate;
+	tau = (s->lim.max_conn > 1 ? s->lim.max_conn - 1 : 0) * t_ms;
+	tat = s->conn_tat > (double)now ? s->conn_tat : (double)now;
+	if (tat - (double)now > tau) {
+		int64_t w = (int64_t)(tat - tau);
+
+		*when = (double)w < tat - tau ? w + 1 : w;	/* ceil */
+		return false;
+	}
+	if (take)
+		s->conn_tat = tat + t_ms;
 	return true;
 }
 

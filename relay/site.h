@@ -71,6 +71,8 @@ struct site_limits {
 	int64_t suspend_max_ms;		/* longest suspension; also the quiet
 					   time that resets the escalation */
 	int64_t host_down_ms;		/* an MX host's first down period */
+	double conn_rate;		/* new connections per second, with a
+					   burst of max_conn (0: no limit) */
 };
 
 enum site_mode {
@@ -98,8 +100,9 @@ enum site_signal {
 #define SITE_LIMIT_PROBE	0x08	/* one connection at a time: probing
 					   after a suspension, or in a throttle
 					   episode, and one is open */
-#define SITE_LIMIT_HOLD		0x10	/* the receiver asked us to come back
-					   later (a hint in a reply) */
+#define SITE_LIMIT_HOLD		0x10	/* held: a throttle's backoff, or the
+					   receiver's "come back later" */
+#define SITE_LIMIT_CONN_RATE	0x20	/* over the connection rate */
 
 /* site_report() result: what the signal changed */
 #define SITE_FX_DECREASE	0x01	/* limits were cut */
@@ -153,6 +156,13 @@ void site_set_limits(struct site *s, const struct site_limits *lim,
  */
 unsigned site_may_connect(struct site *s, int active_conns, int64_t now,
     int64_t *next);
+
+/*
+ * site_conn_open - a connection to the site is being opened: take one
+ * connection-rate token (GCRA, a burst of max_conn), even if none is due
+ * (an MX fallback within a session): the next ones wait longer.
+ */
+void site_conn_open(struct site *s, int64_t now);
 
 /*
  * site_take_token - take one message-rate token (GCRA: one message every

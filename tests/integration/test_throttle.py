@@ -573,6 +573,41 @@ def test_site_recipients_per_transaction():
            "recipients delivered")
 
 
+def test_site_connection_rate():
+    """shaping.domains: ok.test gets connection_rate = "30/min" (one
+    every 2 s after a burst of max_connections = 2) and
+    max_messages_per_connection = 1, so each of 5 messages needs its own
+    connection: the MX sees 2 at once, then one every 2 s (the 5th at
+    least 6 s after the first); each message once."""
+    n = 5
+    extra = ('shaping = { domains = ( { domain = "ok.test"; '
+             'max_connections = 2; max_messages_per_connection = 1; '
+             'connection_rate = "30/min"; } ); };')
+    with Dnsmasq(ZONE) as dns, FakeMX({"ok": "127.0.0.4"}) as mx, \
+            RelayD(listeners=[dict(name="plain", tls="none",
+                                   auth_required=False)],
+                   dns=dns_conf(dns), extra=extra,
+                   delivery={"port": mx.port}) as d:
+        rcpts = ["c%d@ok.test" % i for i in range(n)]
+        submit(d, [([r], body_for("crate-%d" % i))
+                   for i, r in enumerate(rcpts)])
+        mx.wait_messages(n, timeout=20)
+        L.wait_until(lambda: d.queue_count() == 0, 5, 0.05, "empty queue")
+        t = sorted(r["t"] for r in mx.records("reply")
+                   if r.get("phase") == "connect")
+        eq(len(t), n, "connections the MX saw")
+        check(t[1] - t[0] < 1.0, "the first two connections together: "
+              "%.2f s apart" % (t[1] - t[0]))
+        for i in range(2, n):
+            check(t[i] - t[i - 1] >= 1.8,
+                  "connection %d came %.2f s after the one before, want "
+                  ">= 2 s (30/min)" % (i + 1, t[i] - t[i - 1]))
+        check(t[-1] - t[0] >= 5.8, "5 connections in %.2f s" % (
+            t[-1] - t[0]))
+        eq(sorted(m["rcpts"][0] for m in mx.messages()), sorted(rcpts),
+           "recipients delivered")
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 

@@ -734,6 +734,42 @@ TEST(held_time_not_in_use)
 	site_free(s);
 }
 
+/* The connection rate: max_conn at once, then one per 1/conn_rate. */
+TEST(connection_rate)
+{
+	struct site_limits l = lim_test();
+	struct site *s;
+	int64_t next;
+
+	l.max_conn = 3;
+	l.conn_rate = 0.5;		/* 30/min */
+	s = site_new("a", &l, T0);
+	for (int i = 0; i < 3; i++) {
+		ASSERT_EQ(site_may_connect(s, 0, T0, NULL), 0);
+		site_conn_open(s, T0);
+	}
+	ASSERT_EQ(site_may_connect(s, 0, T0, &next), SITE_LIMIT_CONN_RATE);
+	ASSERT_EQ(next, T0 + 2 * SEC);
+	ASSERT_EQ(site_may_connect(s, 0, T0 + 2 * SEC, NULL), 0);
+	site_conn_open(s, T0 + 2 * SEC);
+	/* An MX fallback opens one more anyway: the next waits longer. */
+	site_conn_open(s, T0 + 2 * SEC);
+	site_may_connect(s, 0, T0 + 2 * SEC, &next);
+	ASSERT_EQ(next, T0 + 6 * SEC);
+	/* A token is looked at, not taken, by may_connect. */
+	ASSERT_EQ(site_may_connect(s, 0, T0 + 6 * SEC, NULL), 0);
+	ASSERT_EQ(site_may_connect(s, 0, T0 + 6 * SEC, NULL), 0);
+	site_free(s);
+
+	/* Without one, nothing limits the pace. */
+	l.conn_rate = 0;
+	s = site_new("b", &l, T0);
+	for (int i = 0; i < 100; i++)
+		site_conn_open(s, T0);
+	ASSERT_EQ(site_may_connect(s, 0, T0, NULL), 0);
+	site_free(s);
+}
+
 /* relayctl's view. */
 TEST(json)
 {
@@ -1075,6 +1111,7 @@ TEST_MAIN("site",
     TEST_ENTRY(throttle_backoff_hold),
     TEST_ENTRY(episode_sets_accepted_rate),
     TEST_ENTRY(held_time_not_in_use),
+    TEST_ENTRY(connection_rate),
     TEST_ENTRY(token_bucket),
     TEST_ENTRY(hosts_down),
     TEST_ENTRY(set_limits_keeps_state),
