@@ -380,6 +380,7 @@ static const char *const cfg_class_names[] = {
 	[CFG_CLASS_MSG_TEMP] = "msg-temp",
 	[CFG_CLASS_PERMANENT] = "permanent",
 	[CFG_CLASS_CONN_FAIL] = "conn-fail",
+	[CFG_CLASS_MSGS_PER_CONN] = "msgs-per-conn",
 };
 _Static_assert(ARRAY_SIZE(cfg_class_names) == CFG_CLASS_LAST, "class names");
 
@@ -1157,7 +1158,8 @@ cfg_value(struct cfg_parse *p, const config_setting_t *s,
 			}
 		return cfg_fail(p, s, "'%s' must be one of \"throttle\", "
 		    "\"suspend\", \"greylist\", \"rcpt-temp\", \"msg-temp\", "
-		    "\"permanent\" or \"conn-fail\"", k->key);
+		    "\"permanent\", \"conn-fail\" or \"msgs-per-conn\"",
+		    k->key);
 	case CFG_K_PHASES:
 		*(unsigned int *)dst = 0;
 		if (v != NULL)

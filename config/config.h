@@ -99,6 +99,8 @@ enum cfg_class {
 	CFG_CLASS_MSG_TEMP,	/* this message, later */
 	CFG_CLASS_PERMANENT,	/* bounce */
 	CFG_CLASS_CONN_FAIL,	/* the host failed: no session */
+	CFG_CLASS_MSGS_PER_CONN, /* the connection carried what the receiver
+				   allows: go on on a new one, send fewer */
 	CFG_CLASS_LAST
 };
 

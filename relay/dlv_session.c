@@ -210,6 +210,12 @@ dlv_session_tls(const struct dlv_session *s)
 	return s->conn && s->tls_active ? conn_tls_text(s->conn) : "";
 }
 
+unsigned
+dlv_session_txns(const struct dlv_session *s)
+{
+	return s->conn_txns;
+}
+
 static void
 dlv_enter_state(struct dlv_session *s, enum dlv_state st)
 {

@@ -871,7 +871,8 @@ sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
 	 * connection died under it): neither is an attempt.
 	 */
 	bool site_signal = retry && (o->v.cls == VERDICT_CLASS_THROTTLE ||
-	    o->v.cls == VERDICT_CLASS_SUSPEND || o->untried);
+	    o->v.cls == VERDICT_CLASS_SUSPEND ||
+	    o->v.cls == VERDICT_CLASS_MSGS_PER_CONN || o->untried);
 
 	sched_reply_text(r, text, sizeof text);
 	free(rc->last_reply);
@@ -898,9 +899,9 @@ sched_outcome(struct sched *s, struct sched_msg *m, size_t ri,
 	default:
 		if (site_signal) {
 			*now_again = true;
-			status = o->untried && o->v.cls != VERDICT_CLASS_THROTTLE &&
-			    o->v.cls != VERDICT_CLASS_SUSPEND ? "requeued" :
-			    "throttled";
+			status = o->v.cls == VERDICT_CLASS_THROTTLE ||
+			    o->v.cls == VERDICT_CLASS_SUSPEND ? "throttled" :
+			    "requeued";
 		} else if (o->v.cls == VERDICT_CLASS_GREYLIST) {
 			rc->next_attempt = now + sched_grey_delay(cfg, rc,
 			    o->v.hint_s);
@@ -1356,6 +1357,10 @@ sched_kick(struct sched_dest *d)
 		t.max_msgs = d->shape.set && d->shape.max_msgs_per_conn > 0 ?
 		    d->shape.max_msgs_per_conn :
 		    cfg->delivery.max_messages_per_connection;
+		if (d->site && site_msgs_per_conn(d->site->site) > 0 &&
+		    (t.max_msgs <= 0 ||
+		    site_msgs_per_conn(d->site->site) < t.max_msgs))
+			t.max_msgs = site_msgs_per_conn(d->site->site);
 		for (int p = 0; p < DLV_PHASE_LAST; p++)
 			t.timeout_ms[p] = cfg->delivery.timeout_ms[p];
 		sc = xcalloc(1, sizeof *sc);
@@ -1526,6 +1531,19 @@ sched_on_done(void *arg, struct dlv_session *dlv, struct dlv_txn *t)
 
 	close(t->fd);
 	sc->item = NULL;
+	for (size_t i = 0; i < t->n && sc->site; i++) {
+		/* "Max message per connection reached": the ones before
+		 * this transaction are what a connection may carry. */
+		if (t->out[i].v.cls == VERDICT_CLASS_MSGS_PER_CONN) {
+			char text[1100];
+			unsigned fx = site_learn_msgs_per_conn(sc->site->site,
+			    (int)dlv_session_txns(dlv) - 1);
+
+			sched_reply_text(&t->out[i].reply, text, sizeof text);
+			sched_site_fx(sc->sched, sc->site, fx, text);
+			break;
+		}
+	}
 	sched_item_finish(sc->sched, it, t->out, dlv_session_host(dlv),
 	    dlv_session_addr(dlv), dlv_session_tls(dlv));
 	free(t->out);

@@ -163,6 +163,8 @@ struct site {
 					   those of one burst */
 	int64_t probe_at;		/* in an episode: when the one token
 					   allowed after the hold was taken */
+	int msgs_per_conn;		/* learned messages per connection
+					   (0: none) */
 	int64_t cycle_start;		/* start of the accept cycle: the first
 					   token after an episode ended or after
 					   an idle spell (0: none yet) */
@@ -551,6 +553,23 @@ site_host_down(struct site *s, const char *host_key, int64_t now)
 	h->until = now + (s->lim.host_down_ms << (h->fails - 1));
 }
 
+/* site_learn_msgs_per_conn - at most n messages per connection from now */
+unsigned
+site_learn_msgs_per_conn(struct site *s, int n)
+{
+	if (n < 1 || (s->msgs_per_conn != 0 && n >= s->msgs_per_conn))
+		return 0;
+	s->msgs_per_conn = n;
+	return SITE_FX_DECREASE;
+}
+
+/* site_msgs_per_conn - the learned limit, 0 if none */
+int
+site_msgs_per_conn(const struct site *s)
+{
+	return s->msgs_per_conn;
+}
+
 /* site_host_up - a connection to host_key worked */
 void
 site_host_up(struct site *s, const char *host_key)
@@ -644,6 +663,10 @@ site_to_json(const struct site *s, int64_t now, struct buf *out)
 	buf_printf(out, ",\"rate\":%.3f,\"rate_max\":%.3f,\"rate_min\":%.3f",
 	    s->rate, s->lim.max_rate, s->lim.min_rate);
 	buf_printf(out, ",\"conn_rate\":%.3f", s->lim.conn_rate);
+	if (s->msgs_per_conn)
+		buf_printf(out, ",\"msgs_per_conn\":%d", s->msgs_per_conn);
+	else
+		buf_puts(out, ",\"msgs_per_conn\":null");
 	if (mode == SITE_SUSPENDED)
 		buf_printf(out, ",\"suspended_until\":%" PRId64, s->suspended_until);
 	else
@@ -693,6 +716,8 @@ site_to_text(const struct site *s, struct buf *out)
 	if (s->mode == SITE_SUSPENDED)
 		buf_printf(out, " until=%" PRId64 " suspensions=%d",
 		    s->suspended_until, s->suspensions);
+	if (s->msgs_per_conn)
+		buf_printf(out, " msgs_per_conn=%d", s->msgs_per_conn);
 }
 
 /* site_ring_put - append " key=HEAD:c0,c1,..." */
@@ -717,6 +742,8 @@ site_serialize(const struct site *s, struct buf *out)
 	    s->suspended_until, s->suspensions, s->hold_until);
 	buf_printf(out, " last_decrease=%" PRId64 " step_from=%" PRId64,
 	    s->last_decrease, s->step_from);
+	if (s->msgs_per_conn)
+		buf_printf(out, " msgs_per_conn=%d", s->msgs_per_conn);
 	buf_printf(out, " last_throttle_at=%" PRId64 " last_sig=%s last_reply=",
 	    s->last_signal_at, site_sig_names[s->last_sig]);
 	xtext_encode(out, s->last_reply);
@@ -809,13 +836,14 @@ site_name_index(const char *const *names, int n, const char *v)
 enum {
 	SK_V, SK_NAME, SK_MODE, SK_SINCE, SK_CONN, SK_RATE, SK_RATE_TH, SK_UNTIL,
 	SK_SUSP, SK_HOLD, SK_LASTDEC, SK_STEP, SK_LASTAT, SK_LASTSIG, SK_REPLY,
-	SK_RING, SK_LAST = SK_RING + SITE_SIG_LAST
+	SK_MPC, SK_RING, SK_LAST = SK_RING + SITE_SIG_LAST
 };
 
 static const char *const site_keys[] = {
 	"v", "name", "mode", "since", "conn", "rate", "rate_th", "until",
 	"suspensions", "hold", "last_decrease", "step_from", "last_throttle_at",
-	"last_sig", "last_reply", "r_ok", "r_throttle", "r_suspend", "r_conn_fail",
+	"last_sig", "last_reply", "msgs_per_conn", "r_ok", "r_throttle",
+	"r_suspend", "r_conn_fail",
 };
 _Static_assert(ARRAY_SIZE(site_keys) == SK_LAST, "state keys");
 
@@ -935,6 +963,10 @@ site_parse(const char *line, const struct site_limits *lim, struct site **out,
 			ok = idx >= 0;
 			tmp.last_sig = (enum site_signal)(ok ? idx : 0);
 			break;
+		case SK_MPC:
+			ok = site_num(v, 1, INT32_MAX, &n);
+			tmp.msgs_per_conn = (int)n;
+			break;
 		case SK_REPLY: {
 			char *r = xtext_decode(v, strlen(v));
 
@@ -974,6 +1006,7 @@ site_parse(const char *line, const struct site_limits *lim, struct site **out,
 	s->last_signal_at = tmp.last_signal_at;
 	s->last_sig = tmp.last_sig;
 	memcpy(s->last_reply, tmp.last_reply, sizeof s->last_reply);
+	s->msgs_per_conn = tmp.msgs_per_conn;
 	memcpy(s->recent, tmp.recent, sizeof s->recent);
 	memcpy(s->hosts, tmp.hosts, sizeof s->hosts);
 	/* The suspended -> probing check of site_clock, then the clamps. */

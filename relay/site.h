@@ -207,6 +207,18 @@ unsigned site_report(struct site *s, enum site_signal sig, int64_t now,
  */
 void site_host_down(struct site *s, const char *host_key, int64_t now);
 
+/*
+ * site_learn_msgs_per_conn - the receiver refused the (n+1)-th message of
+ * a connection as one too many for a connection ("Max message per
+ * connection reached"): from now on at most n per connection (the lowest
+ * seen; persisted). Returns SITE_FX_DECREASE if that lowered it, else 0;
+ * n < 1 is ignored.
+ */
+unsigned site_learn_msgs_per_conn(struct site *s, int n);
+
+/* site_msgs_per_conn - the learned limit, 0 if none */
+int site_msgs_per_conn(const struct site *s);
+
 /* site_host_up - a connection to host_key worked: forget its failures */
 void site_host_up(struct site *s, const char *host_key);
 

@@ -88,6 +88,7 @@ _Static_assert((int)VERDICT_CLASS_OK == CFG_CLASS_OK &&
     (int)VERDICT_CLASS_MSG_TEMP == CFG_CLASS_MSG_TEMP &&
     (int)VERDICT_CLASS_PERMANENT == CFG_CLASS_PERMANENT &&
     (int)VERDICT_CLASS_CONN_FAIL == CFG_CLASS_CONN_FAIL &&
+    (int)VERDICT_CLASS_MSGS_PER_CONN == CFG_CLASS_MSGS_PER_CONN &&
     (int)VERDICT_CLASS_LAST == CFG_CLASS_LAST, "cfg_class mirror");
 _Static_assert((int)DLV_PHASE_CONNECT == CFG_PHASE_CONNECT &&
     (int)DLV_PHASE_BANNER == CFG_PHASE_BANNER &&
@@ -186,13 +187,12 @@ static const struct verdict_default verdict_defaults[] = {
 	    VERDICT_CLASS_SUSPEND, 2 * HOUR },
 	/*
 	 * Yahoo "421 Max message per connection reached" and Microsoft's
-	 * "exceeded maximum number of messages per connection" [K-comm].
-	 * XXX The remedy is fewer messages per connection, which the
-	 * scheduler does not adjust yet; throttling is the nearest class.
+	 * "exceeded maximum number of messages per connection" [K-comm]:
+	 * not a rate; the site learns to send fewer per connection.
 	 */
 	{ "max-messages-per-connection", "4xx", NULL, PH_ANY,
 	    "max(?:imum)? (?:number of )?messages? per connection",
-	    VERDICT_CLASS_THROTTLE, 0 },
+	    VERDICT_CLASS_MSGS_PER_CONN, 0 },
 
 	/* Microsoft [MS-da][MS-suped651][MS-500][MS-suped][K-comm]. */
 	{ "microsoft-ip-reputation", "4xx", NULL, PH_ANY,

@@ -55,7 +55,7 @@ enum verdict_action {
 enum verdict_class {
 	VERDICT_CLASS_OK,	/* success, or nothing to act on (RSET/QUIT) */
 	VERDICT_CLASS_THROTTLE,	/* the site says "slower": fewer connections,
-				   lower rate, fewer messages per connection */
+				   lower rate */
 	VERDICT_CLASS_SUSPEND,	/* the site blocks us: stop for suspend_s */
 	VERDICT_CLASS_GREYLIST,	/* retry this recipient after max(hint, a
 				   few minutes), same source; no site penalty */
@@ -65,6 +65,10 @@ enum verdict_class {
 	VERDICT_CLASS_PERMANENT, /* bounce */
 	VERDICT_CLASS_CONN_FAIL, /* no usable session with this host
 				   (connect, greeting, TLS, I/O) */
+	VERDICT_CLASS_MSGS_PER_CONN, /* the connection carried as many
+				   messages as the receiver takes on one: go
+				   on on a new one, and send fewer per
+				   connection; no attempt, no site penalty */
 	VERDICT_CLASS_LAST
 };
 

@@ -335,6 +335,7 @@ struct fmx {
 	bool ext_custom;		/* --ehlo-ext given: list is exact */
 	uint64_t max_size;		/* from "SIZE N", 0 = no limit */
 	uint64_t max_rcpt;		/* -m */
+	uint64_t max_msgs;		/* --max-msgs-per-conn (0: none) */
 	const char *keep_dir;		/* -k */
 	const char *record_path;	/* -r */
 	/* The script. */
@@ -812,6 +813,12 @@ fmx_default(struct fmx_sess *s, enum fmx_phase ph)
 		buf_puts(b, "220 2.0.0 Ready to start TLS\r\n");
 		return 220;
 	case FMX_PH_MAIL:
+		if (f->max_msgs && s->nmsg >= f->max_msgs) {
+			/* Yahoo's words; a 421 closes the connection. */
+			buf_puts(b, "421 Max message per connection "
+			    "reached, closing transmission channel\r\n");
+			return 421;
+		}
 		if (f->rate_n) {
 			/* Fixed windows per client IP, as anvil counts. */
 			now = time_now_ms();
@@ -1888,6 +1895,8 @@ usage(void)
 	    "  -T, --idle-timeout SEC per-connection idle timeout (60)\n"
 	    "  -H, --hostname NAME    name in greetings (fake-mx.test)\n"
 	    "  -m, --max-rcpt N       recipients per message (1000)\n"
+	    "  --max-msgs-per-conn N  421 at MAIL after N messages on a\n"
+	    "                         connection (as Yahoo)\n"
 	    "  -q, --quiet            no log lines on stderr\n"
 	    "  -v, --verbose          log commands, replies, state changes\n"
 	    "  --max-conn N[:REPLY]   per-listener concurrency limit\n"
@@ -2320,6 +2329,7 @@ enum {
 	OPT_MAX_CONN = 256, OPT_MAX_CONN_TOTAL, OPT_RATE, OPT_RATE_REPLY,
 	OPT_RATE_PHASE, OPT_GREYLIST, OPT_TLS, OPT_EHLO_EXT, OPT_DELAY,
 	OPT_EVENTS, OPT_FLUSH, OPT_NO_FLUSH, OPT_CHECK, OPT_PARENT,
+	OPT_MAX_MSGS,
 };
 
 static const struct option fmx_long_opts[] = {
@@ -2337,6 +2347,7 @@ static const struct option fmx_long_opts[] = {
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "help", no_argument, NULL, 'h' },
 	{ "max-conn", required_argument, NULL, OPT_MAX_CONN },
+	{ "max-msgs-per-conn", required_argument, NULL, OPT_MAX_MSGS },
 	{ "max-conn-total", required_argument, NULL, OPT_MAX_CONN_TOTAL },
 	{ "rate", required_argument, NULL, OPT_RATE },
 	{ "rate-reply", required_argument, NULL, OPT_RATE_REPLY },
@@ -2411,6 +2422,12 @@ fmx_options(struct fmx *f, int argc, char **argv)
 		case OPT_MAX_CONN:
 			fmx_max_conn_parse(optarg, &f->max_conn,
 			    &f->max_conn_wire);
+			break;
+		case OPT_MAX_MSGS:
+			if (!fmx_parse_u64(optarg, 1000000, &f->max_msgs) ||
+			    f->max_msgs == 0)
+				fmx_usage_error("--max-msgs-per-conn %s: bad "
+				    "number", optarg);
 			break;
 		case OPT_MAX_CONN_TOTAL:
 			fmx_max_conn_parse(optarg, &f->max_conn_total,

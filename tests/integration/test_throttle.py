@@ -608,6 +608,49 @@ def test_site_connection_rate():
            "recipients delivered")
 
 
+def test_max_messages_per_connection_is_learned():
+    """fake-mx --max-msgs-per-conn 3 answers the 4th MAIL of a connection
+    "421 Max message per connection reached" (Yahoo) and closes. With one
+    connection at a time and 10 messages: that recipient is requeued
+    (class msgs-per-conn, no attempt counted, no throttle), the site
+    learns 3, and every later connection carries at most 3: one such
+    421 in the whole run, each message delivered once at attempt 1."""
+    n = 10
+    extra = ('shaping = { domains = ( { domain = "ok.test"; '
+             'max_connections = 1; } ); };')
+    with Dnsmasq(ZONE) as dns, FakeMX({"ok": "127.0.0.4"},
+                                      args=["--max-msgs-per-conn", "3"]) \
+            as mx, RelayD(listeners=[dict(name="plain", tls="none",
+                                          auth_required=False)],
+                          dns=dns_conf(dns), extra=extra,
+                          delivery={"port": mx.port}) as d:
+        rcpts = ["p%02d@ok.test" % i for i in range(n)]
+        # One submission connection: all queued before the MX answers.
+        submit(d, [([r], body_for("mpc-%d" % i))
+                   for i, r in enumerate(rcpts)])
+        mx.wait_messages(n, timeout=20)
+        L.wait_until(lambda: d.queue_count() == 0, 5, 0.05, "empty queue")
+        log = d.read_log()
+        for r in rcpts:
+            x = L.dlv_results(log, r, "sent")
+            eq(len(x), 1, "sent lines for %s" % r)
+            eq(x[0]["attempt"], "1", "attempt of %s" % r)
+        req = [x for x in L.dlv_results(log) if x["status"] == "requeued"]
+        eq(len(req), 1, "requeued results")
+        eq((req[0]["code"], req[0]["class"], req[0]["rule"]),
+           ("421", "msgs-per-conn", "max-messages-per-connection"),
+           "the 421's result (code, class, rule)")
+        refused = [r for r in mx.records("reply")
+                   if r.get("phase") == "mail" and r.get("code") == 421]
+        eq(len(refused), 1, "MAILs answered 421 by the MX")
+        st = site(d, "mx.ok.test")
+        eq((st["msgs_per_conn"], st["mode"], st["recent"]["throttle"]),
+           (3, "normal", 0), "site: learned messages per connection, "
+           "mode, throttles")
+        per = collections.Counter(m["conn"] for m in mx.messages())
+        check(max(per.values()) <= 3, "messages per connection: %r" % per)
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 

@@ -483,6 +483,7 @@ TEST(persist_round_trip)
 	    "421 4.7.0 Try again later, key=value +plus\tTab");
 	site_report(s, SITE_SIG_OK, T0 + 2 * MINUTE, 0, NULL);
 	site_host_down(s, "[2001:db8::1]:25 mx1", T0 + 2 * MINUTE);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), SITE_FX_DECREASE);
 	site_serialize(s, &a);
 	ASSERT(strncmp(a.data, "v=1 name=mx.example.com mode=throttled ", 39) == 0);
 	ASSERT(a.data[a.len - 1] == '\n');
@@ -493,6 +494,7 @@ TEST(persist_round_trip)
 	ASSERT_EQ(site_conn_limit(p), 6);
 	ASSERT_NEAR(site_rate(p), 60);
 	ASSERT(site_host_is_down(p, "[2001:db8::1]:25 mx1", T0 + 3 * MINUTE, NULL));
+	ASSERT_EQ(site_msgs_per_conn(p), 20);
 	buf_reset(&b);
 	site_to_json(p, T0 + 2 * MINUTE, &b);
 	ASSERT(strstr(b.data, "\"last_reply\":\"421 4.7.0 Try again later, "
@@ -767,6 +769,30 @@ TEST(connection_rate)
 	for (int i = 0; i < 100; i++)
 		site_conn_open(s, T0);
 	ASSERT_EQ(site_may_connect(s, 0, T0, NULL), 0);
+	site_free(s);
+}
+
+/* "Max message per connection reached": the lowest count is kept. */
+TEST(learned_messages_per_connection)
+{
+	struct site_limits l = lim_test();
+	struct site *s = site_new("a", &l, T0);
+	struct buf b;
+
+	ASSERT_EQ(site_msgs_per_conn(s), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 0), 0);	/* the first: noise */
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), SITE_FX_DECREASE);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 25), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 19), SITE_FX_DECREASE);
+	ASSERT_EQ(site_msgs_per_conn(s), 19);
+	/* Not a throttle: the limits and the mode stay. */
+	ASSERT_EQ(site_mode(s), SITE_NORMAL);
+	ASSERT_EQ(site_conn_limit(s), 10);
+	buf_init(&b);
+	site_to_json(s, T0, &b);
+	ASSERT(strstr(b.data, "\"msgs_per_conn\":19") != NULL);
+	buf_free(&b);
 	site_free(s);
 }
 
@@ -1112,6 +1138,7 @@ TEST_MAIN("site",
     TEST_ENTRY(episode_sets_accepted_rate),
     TEST_ENTRY(held_time_not_in_use),
     TEST_ENTRY(connection_rate),
+    TEST_ENTRY(learned_messages_per_connection),
     TEST_ENTRY(token_bucket),
     TEST_ENTRY(hosts_down),
     TEST_ENTRY(set_limits_keeps_state),

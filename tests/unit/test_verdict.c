@@ -284,7 +284,7 @@ TEST(real_replies)
 		    "again later [#4.16.1].", C(THROTTLE), 0, 0,
 		    "yahoo-resources" },
 		{ M, 421, "", "Max message per connection reached, closing "
-		    "transmission channel", C(THROTTLE), 0, 0,
+		    "transmission channel", C(MSGS_PER_CONN), 0, 0,
 		    "max-messages-per-connection" },
 		{ B, 421, "4.7.1", ": (DYN:T1) https://postmaster.aol.com/"
 		    "error-codes#421dynt1", C(THROTTLE), 0, 0, "aol-dyn-t1" },
@@ -630,6 +630,8 @@ TEST(names)
 	    "rcpt-temp");
 	ASSERT_STR_EQ(verdict_class_name(VERDICT_CLASS_CONN_FAIL),
 	    "conn-fail");
+	ASSERT_STR_EQ(verdict_class_name(VERDICT_CLASS_MSGS_PER_CONN),
+	    "msgs-per-conn");
 	ASSERT_STR_EQ(verdict_class_name(VERDICT_CLASS_LAST), "?");
 	verdict_init();
 	verdict_init();
