@@ -210,6 +210,13 @@ dlv_session_tls(const struct dlv_session *s)
 	return s->conn && s->tls_active ? conn_tls_text(s->conn) : "";
 }
 
+bool
+dlv_session_idle(const struct dlv_session *s)
+{
+	return s->state == DLV_ST_READY && s->waiting && s->conn != NULL &&
+	    !conn_is_closing(s->conn);
+}
+
 unsigned
 dlv_session_txns(const struct dlv_session *s)
 {

@@ -123,6 +123,9 @@ const char *dlv_session_host(const struct dlv_session *s);
 const char *dlv_session_addr(const struct dlv_session *s);
 const char *dlv_session_tls(const struct dlv_session *s);
 
+/* dlv_session_idle - idling after DLV_TXN_WAIT/LINGER, pokable */
+bool dlv_session_idle(const struct dlv_session *s);
+
 /* dlv_session_txns - transactions begun on the current connection */
 unsigned dlv_session_txns(const struct dlv_session *s);
 

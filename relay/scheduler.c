@@ -118,6 +118,7 @@ struct sched_dest {
 	int fail_streak;		/* sessions in a row that failed */
 	uint64_t hold_until;		/* uv_now() ms: no new session before */
 	bool held;			/* on sched->held */
+	bool site_held;			/* ... because its site said so */
 	TAILQ_ENTRY(sched_dest) hold;	/* waiting for hold_until */
 	struct sched_site *site;	/* its site, once resolved */
 	int nwaiting;			/* sessions idling for a rate token */
@@ -133,6 +134,8 @@ struct sched_conn {
 	bool tried;			/* some host was allowed a connect */
 	bool waiting;			/* idling for a rate token, or lingering */
 	bool lingering;			/* idling for more work (DLV_TXN_LINGER) */
+	bool done;			/* the receiver ended it ("max message
+					   per connection"): no more work */
 	bool asked;			/* greeted and asked for work */
 	struct sched_site *site;	/* site charged with this session */
 	struct relay_config *cfg;	/* snapshot its reply rules live in */
@@ -180,6 +183,7 @@ static void sched_on_closed(void *arg, struct dlv_session *s,
 static void sched_on_update(void *arg, int status);
 static void sched_on_bounce_commit(void *arg, int status, const char *id);
 static void sched_kick(struct sched_dest *d);
+static void sched_site_release(struct sched *s, struct sched_site *ss);
 static void sched_item_due(struct sched *s, struct sched_item *it);
 static void sched_item_fail_all(struct sched_dest *d, bool permanent,
     const char *enh, const char *text);
@@ -439,16 +443,19 @@ sched_site_fx(struct sched *s, struct sched_site *ss, unsigned fx,
 	struct buf b;
 	char rv[600];
 
+	if (fx & (SITE_FX_RESUME | SITE_FX_INCREASE))
+		sched_site_release(s, ss);
 	if (!(fx & (SITE_FX_DECREASE | SITE_FX_SUSPEND | SITE_FX_MODE |
-	    SITE_FX_INCREASE | SITE_FX_HOLD)))
+	    SITE_FX_INCREASE | SITE_FX_HOLD | SITE_FX_RESUME)))
 		return;
 	buf_init(&b);
 	site_to_text(ss->site, &b);
-	log_info("site %s %s%s%s%s%s reply=%s", site_name(ss->site),
+	log_info("site %s %s%s%s%s%s%s reply=%s", site_name(ss->site),
 	    b.data ? b.data : "", fx & SITE_FX_DECREASE ? " decrease" : "",
 	    fx & SITE_FX_INCREASE ? " increase" : "",
 	    fx & SITE_FX_SUSPEND ? " suspend" : "",
 	    fx & SITE_FX_HOLD ? " hold" : "",
+	    fx & SITE_FX_RESUME ? " resume" : "",
 	    log_value(rv, sizeof rv, reply ? reply : "-"));
 	buf_free(&b);
 	if ((fx & (SITE_FX_DECREASE | SITE_FX_SUSPEND | SITE_FX_MODE)) &&
@@ -951,12 +958,16 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 
 	snprintf(remote, sizeof remote, "dns; %s", host);
 	bool any_ok = false, throttled = false, suspended = false;
+	bool answered = false;
 	int hint = 0;
 	const struct smtp_reply *sig_reply = NULL;
 
 	for (size_t i = 0; i < it->n; i++) {
 		const struct verdict *v = &out[i].v;
 
+		if (out[i].reply.code >= 200 && v->cls != VERDICT_CLASS_CONN_FAIL &&
+		    v->cls != VERDICT_CLASS_MSGS_PER_CONN)
+			answered = true;
 		if (v->action == VERDICT_OK)
 			any_ok = true;
 		else if (v->cls == VERDICT_CLASS_THROTTLE && !throttled) {
@@ -984,6 +995,11 @@ sched_item_finish(struct sched *s, struct sched_item *it,
 			    suspended ? SITE_SIG_SUSPEND : SITE_SIG_OK,
 			    time_wall_ms(), hint, sig_reply ? st : NULL);
 			sched_site_fx(s, ss, fx, sig_reply ? st : NULL);
+		} else if (answered) {
+			/* Greylisted, deferred or bounced: the receiver took
+			 * the probe of a throttle episode. */
+			fx = site_answered(ss->site, time_wall_ms());
+			sched_site_fx(s, ss, fx, NULL);
 		}
 	}
 	for (size_t i = 0; i < it->n; i++) {
@@ -1207,6 +1223,30 @@ sched_on_hold_timer(uv_timer_t *t)
 			continue;
 		TAILQ_REMOVE(&s->held, d, hold);
 		d->held = false;
+		d->site_held = false;
+		sched_kick(d);
+	}
+	sched_hold_arm(s);
+}
+
+/*
+ * sched_site_release - the site allows more now (an episode ended, a
+ * step up): its destinations held on its word are kicked at once rather
+ * than when their hold, taken under the old limits, runs out.
+ */
+static void
+sched_site_release(struct sched *s, struct sched_site *ss)
+{
+	struct sched_dest *d, *n;
+
+	for (d = TAILQ_FIRST(&s->held); d; d = n) {
+		n = TAILQ_NEXT(d, hold);
+		if (d->site != ss || !d->site_held)
+			continue;
+		TAILQ_REMOVE(&s->held, d, hold);
+		d->held = false;
+		d->site_held = false;
+		d->hold_until = 0;
 		sched_kick(d);
 	}
 	sched_hold_arm(s);
@@ -1262,13 +1302,21 @@ sched_kick(struct sched_dest *d)
 		return;
 	}
 	if (d->nwaiting > 0) {
-		/* Sessions idling for a rate token go first. */
+		/* Sessions idling for a rate token or more work go
+		 * first; one whose idle time ran out is leaving. */
 		struct sched_conn *sc, *sn;
 
 		for (sc = LIST_FIRST(&s->conns); sc; sc = sn) {
 			sn = LIST_NEXT(sc, entry);
-			if (sc->dest == d && sc->waiting)
-				dlv_session_poke(sc->dlv);
+			if (sc->dest != d || !sc->waiting)
+				continue;
+			if (!dlv_session_idle(sc->dlv)) {
+				sc->waiting = false;
+				sc->lingering = false;
+				d->nwaiting--;
+				continue;
+			}
+			dlv_session_poke(sc->dlv);
 		}
 		if (d->nwaiting > 0 || d->nready == 0)
 			return;
@@ -1287,6 +1335,7 @@ sched_kick(struct sched_dest *d)
 				if (next != SITE_NEVER) {
 					d->hold_until = uv_now(s->loop) +
 					    (uint64_t)(next > now ? next - now : 0);
+					d->site_held = true;
 					sched_hold(s, d);
 				} else {
 					sched_starve(s, d);
@@ -1357,10 +1406,13 @@ sched_kick(struct sched_dest *d)
 		t.max_msgs = d->shape.set && d->shape.max_msgs_per_conn > 0 ?
 		    d->shape.max_msgs_per_conn :
 		    cfg->delivery.max_messages_per_connection;
-		if (d->site && site_msgs_per_conn(d->site->site) > 0 &&
-		    (t.max_msgs <= 0 ||
-		    site_msgs_per_conn(d->site->site) < t.max_msgs))
-			t.max_msgs = site_msgs_per_conn(d->site->site);
+		if (d->site) {
+			int mpc = site_msgs_per_conn(d->site->site,
+			    time_wall_ms());
+
+			if (mpc > 0 && (t.max_msgs <= 0 || mpc < t.max_msgs))
+				t.max_msgs = mpc;
+		}
 		for (int p = 0; p < DLV_PHASE_LAST; p++)
 			t.timeout_ms[p] = cfg->delivery.timeout_ms[p];
 		sc = xcalloc(1, sizeof *sc);
@@ -1430,7 +1482,7 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 
 	sc->asked = true;	/* the host took us: not a connection failure */
 	sc->lingering = false;
-	if (sc->sched->stopping)
+	if (sc->sched->stopping || sc->done)
 		goto none;
 	if (TAILQ_EMPTY(&d->ready)) {
 		/*
@@ -1458,6 +1510,7 @@ sched_on_next(void *arg, struct dlv_session *dlv)
 		if (next != SITE_NEVER) {
 			d->hold_until = uv_now(sc->sched->loop) +
 			    (uint64_t)(next > now ? next - now : 0);
+			d->site_held = true;
 			sched_hold(sc->sched, d);
 		}
 		return DLV_TXN_WAIT;
@@ -1531,15 +1584,27 @@ sched_on_done(void *arg, struct dlv_session *dlv, struct dlv_txn *t)
 
 	close(t->fd);
 	sc->item = NULL;
-	for (size_t i = 0; i < t->n && sc->site; i++) {
-		/* "Max message per connection reached": the ones before
-		 * this transaction are what a connection may carry. */
+	for (size_t i = 0; i < t->n; i++) {
+		/*
+		 * "Max message per connection reached": this connection is
+		 * done, and the ones before this transaction are what a
+		 * connection may carry. Said of the first one, it is no
+		 * count at all: a throttle, or we would reconnect at once,
+		 * again and again.
+		 */
 		if (t->out[i].v.cls == VERDICT_CLASS_MSGS_PER_CONN) {
+			int64_t now = time_wall_ms();
+			int n = (int)dlv_session_txns(dlv) - 1;
 			char text[1100];
-			unsigned fx = site_learn_msgs_per_conn(sc->site->site,
-			    (int)dlv_session_txns(dlv) - 1);
+			unsigned fx;
 
+			sc->done = true;
+			if (sc->site == NULL)
+				break;
 			sched_reply_text(&t->out[i].reply, text, sizeof text);
+			fx = n >= 1 ? site_learn_msgs_per_conn(sc->site->site, n,
+			    now) : site_report(sc->site->site,
+			    SITE_SIG_THROTTLE, now, t->out[i].v.hint_s, text);
 			sched_site_fx(sc->sched, sc->site, fx, text);
 			break;
 		}

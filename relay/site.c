@@ -122,6 +122,9 @@
 #define SITE_BACKOFF_BASE_MS	1000	/* first hold of a throttle episode */
 #define SITE_BACKOFF_MAX_MS	300000	/* longest hold without a hint */
 #define SITE_IDLE_MS		60000	/* no token this long: a new cycle */
+#define SITE_MPC_FORGET_MS	(24LL * 3600 * 1000)	/* a learned messages per
+					   connection lasts this long after
+					   the last reply that taught it */
 
 /* A count per time bucket, the newest at head. */
 struct site_ring {
@@ -165,6 +168,7 @@ struct site {
 					   allowed after the hold was taken */
 	int msgs_per_conn;		/* learned messages per connection
 					   (0: none) */
+	int64_t mpc_at;			/* when it was last confirmed */
 	int64_t cycle_start;		/* start of the accept cycle: the first
 					   token after an episode ended or after
 					   an idle spell (0: none yet) */
@@ -518,6 +522,16 @@ site_report(struct site *s, enum site_signal sig, int64_t now, int hint_s,
 	return fx;
 }
 
+/* site_answered - a transaction got past MAIL without a throttle */
+unsigned
+site_answered(struct site *s, int64_t now)
+{
+	site_clock(s, now);
+	if (s->backoff_ms != 0 && now >= s->hold_until)
+		return site_episode_end(s, now);
+	return 0;
+}
+
 /* site_host_down - a connection to host_key failed: mark it down */
 void
 site_host_down(struct site *s, const char *host_key, int64_t now)
@@ -555,18 +569,27 @@ site_host_down(struct site *s, const char *host_key, int64_t now)
 
 /* site_learn_msgs_per_conn - at most n messages per connection from now */
 unsigned
-site_learn_msgs_per_conn(struct site *s, int n)
+site_learn_msgs_per_conn(struct site *s, int n, int64_t now)
 {
-	if (n < 1 || (s->msgs_per_conn != 0 && n >= s->msgs_per_conn))
+	int cur = site_msgs_per_conn(s, now);
+
+	if (n < 1)
 		return 0;
+	if (cur != 0 && n >= cur) {
+		s->mpc_at = now;	/* still true */
+		return 0;
+	}
 	s->msgs_per_conn = n;
+	s->mpc_at = now;
 	return SITE_FX_DECREASE;
 }
 
-/* site_msgs_per_conn - the learned limit, 0 if none */
+/* site_msgs_per_conn - the learned limit, 0 if none (or forgotten) */
 int
-site_msgs_per_conn(const struct site *s)
+site_msgs_per_conn(const struct site *s, int64_t now)
 {
+	if (s->msgs_per_conn == 0 || now - s->mpc_at > SITE_MPC_FORGET_MS)
+		return 0;
 	return s->msgs_per_conn;
 }
 
@@ -663,7 +686,7 @@ site_to_json(const struct site *s, int64_t now, struct buf *out)
 	buf_printf(out, ",\"rate\":%.3f,\"rate_max\":%.3f,\"rate_min\":%.3f",
 	    s->rate, s->lim.max_rate, s->lim.min_rate);
 	buf_printf(out, ",\"conn_rate\":%.3f", s->lim.conn_rate);
-	if (s->msgs_per_conn)
+	if (site_msgs_per_conn(s, now))
 		buf_printf(out, ",\"msgs_per_conn\":%d", s->msgs_per_conn);
 	else
 		buf_puts(out, ",\"msgs_per_conn\":null");
@@ -743,7 +766,8 @@ site_serialize(const struct site *s, struct buf *out)
 	buf_printf(out, " last_decrease=%" PRId64 " step_from=%" PRId64,
 	    s->last_decrease, s->step_from);
 	if (s->msgs_per_conn)
-		buf_printf(out, " msgs_per_conn=%d", s->msgs_per_conn);
+		buf_printf(out, " msgs_per_conn=%d:%" PRId64, s->msgs_per_conn,
+		    s->mpc_at);
 	buf_printf(out, " last_throttle_at=%" PRId64 " last_sig=%s last_reply=",
 	    s->last_signal_at, site_sig_names[s->last_sig]);
 	xtext_encode(out, s->last_reply);
@@ -963,10 +987,19 @@ site_parse(const char *line, const struct site_limits *lim, struct site **out,
 			ok = idx >= 0;
 			tmp.last_sig = (enum site_signal)(ok ? idx : 0);
 			break;
-		case SK_MPC:
-			ok = site_num(v, 1, INT32_MAX, &n);
-			tmp.msgs_per_conn = (int)n;
+		case SK_MPC: {
+			/* msgs_per_conn=N:WHEN */
+			char *colon = strchr(v, ':');
+
+			ok = colon != NULL;
+			if (ok) {
+				*colon = '\0';
+				ok = site_num(v, 1, INT32_MAX, &n) &&
+				    site_num(colon + 1, 0, INT64_MAX, &tmp.mpc_at);
+				tmp.msgs_per_conn = (int)n;
+			}
 			break;
+		}
 		case SK_REPLY: {
 			char *r = xtext_decode(v, strlen(v));
 
@@ -1007,6 +1040,7 @@ site_parse(const char *line, const struct site_limits *lim, struct site **out,
 	s->last_sig = tmp.last_sig;
 	memcpy(s->last_reply, tmp.last_reply, sizeof s->last_reply);
 	s->msgs_per_conn = tmp.msgs_per_conn;
+	s->mpc_at = tmp.mpc_at;
 	memcpy(s->recent, tmp.recent, sizeof s->recent);
 	memcpy(s->hosts, tmp.hosts, sizeof s->hosts);
 	/* The suspended -> probing check of site_clock, then the clamps. */
@@ -1062,7 +1096,7 @@ site_clock(struct site *s, int64_t now)
 		int64_t *t[] = { &s->mode_since, &s->last_decrease, &s->step_from,
 		    &s->hold_until, &s->suspended_until, &s->last_signal_at,
 		    &s->hold_from, &s->cycle_start, &s->last_token,
-		    &s->probe_at };
+		    &s->probe_at, &s->mpc_at };
 
 		for (size_t i = 0; i < ARRAY_SIZE(t); i++)
 			if (*t[i] != 0)
@@ -1074,6 +1108,7 @@ site_clock(struct site *s, int64_t now)
 		s->conn_tat += (double)d;
 		s->rate_since = now;
 		s->sent_since = 0;
+		s->held_ms = 0;
 	}
 	if (now > s->seen || now < s->seen - SITE_CLOCK_SLACK_MS)
 		s->seen = now;
@@ -1381,7 +1416,7 @@ site_episode_end(struct site *s, int64_t now)
 	s->backoff_ms = 0;
 	s->refusals = 0;
 	s->cycle_start = 0;	/* the next token starts the next cycle */
-	return fx;
+	return fx | SITE_FX_RESUME;
 }
 
 /* site_hint_ms - a reply's "come back in N s" in ms, capped; 0 if none */

@@ -111,6 +111,8 @@ enum site_signal {
 #define SITE_FX_SUSPEND		0x04	/* a suspension began or was extended */
 #define SITE_FX_MODE		0x08	/* the mode changed */
 #define SITE_FX_HOLD		0x10	/* a hint set or extended the hold */
+#define SITE_FX_RESUME		0x20	/* a throttle episode ended: more
+					   than one connection again */
 
 struct site;
 
@@ -198,6 +200,14 @@ unsigned site_report(struct site *s, enum site_signal sig, int64_t now,
     int hint_s, const char *reply_text);
 
 /*
+ * site_answered - the receiver answered a transaction without a throttle
+ * but delivered nothing (greylisted, deferred, bounced): like a delivery
+ * it ends a throttle episode whose hold is over (the probe got through),
+ * but it counts for nothing else (no increase). Returns SITE_FX_*.
+ */
+unsigned site_answered(struct site *s, int64_t now);
+
+/*
  * site_host_down - a connection to the MX host host_key (e.g. its address)
  * failed: mark that host down. The first failure takes it down for
  * host_down_ms, each failure after the host came back doubles that, up to
@@ -211,13 +221,15 @@ void site_host_down(struct site *s, const char *host_key, int64_t now);
  * site_learn_msgs_per_conn - the receiver refused the (n+1)-th message of
  * a connection as one too many for a connection ("Max message per
  * connection reached"): from now on at most n per connection (the lowest
- * seen; persisted). Returns SITE_FX_DECREASE if that lowered it, else 0;
- * n < 1 is ignored.
+ * seen; persisted), until 24 h pass without another such reply (limits
+ * change; a misread reply must not pin the site for good). Returns
+ * SITE_FX_DECREASE if that lowered it, else 0; n < 1 is ignored (the
+ * caller treats that reply as a throttle).
  */
-unsigned site_learn_msgs_per_conn(struct site *s, int n);
+unsigned site_learn_msgs_per_conn(struct site *s, int n, int64_t now);
 
-/* site_msgs_per_conn - the learned limit, 0 if none */
-int site_msgs_per_conn(const struct site *s);
+/* site_msgs_per_conn - the learned limit at now, 0 if none */
+int site_msgs_per_conn(const struct site *s, int64_t now);
 
 /* site_host_up - a connection to host_key worked: forget its failures */
 void site_host_up(struct site *s, const char *host_key);

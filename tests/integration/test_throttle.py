@@ -651,6 +651,33 @@ def test_max_messages_per_connection_is_learned():
         check(max(per.values()) <= 3, "messages per connection: %r" % per)
 
 
+def test_max_messages_on_the_first_message_is_a_throttle():
+    """A receiver that says "Max message per connection reached" to the
+    first MAIL of a connection (three times) gives no count to learn:
+    relayd takes it as a throttle (hold 1, 2, 4 s) instead of
+    reconnecting at once, again and again, and learns nothing. The
+    message arrives once, at attempt 1, after 4 connections."""
+    rule = ("mail first 3 421 Max message per connection reached, "
+            "closing transmission channel")
+    with Dnsmasq(ZONE) as dns, FakeMX({"ok": "127.0.0.4"},
+                                      args=["-e", rule]) as mx, \
+            RelayD(listeners=[dict(name="plain", tls="none",
+                                   auth_required=False)],
+                   dns=dns_conf(dns), delivery={"port": mx.port}) as d:
+        t0 = time.time()
+        submit(d, [(["first@ok.test"], body_for("mpc-first"))])
+        x = wait_results(d, "first@ok.test", "sent", timeout=20)[0]
+        eq(x["attempt"], "1", "attempt of the delivery")
+        took = time.time() - t0
+        check(took >= 6.0, "delivered %.1f s after submission, want the "
+              "1 + 2 + 4 s of holds" % took)
+        conns = [r for r in mx.records("reply") if r.get("phase") == "connect"]
+        eq(len(conns), 4, "connections the MX saw")
+        st = site(d, "mx.ok.test")
+        eq((st["msgs_per_conn"], st["last_signal"]), (None, "throttle"),
+           "site: nothing learned, a throttle recorded")
+
+
 # ---------------------------------------------------------------------------
 # 3. A block: Yahoo's [TS03].
 

@@ -91,7 +91,8 @@ TEST(aimd_exact_steps)
 	ASSERT_NEAR(site_rate(s), 50);
 
 	/* Not before a whole clean interval. */
-	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 59 * SEC, 0, NULL), 0);
+	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 59 * SEC, 0, NULL),
+	    SITE_FX_RESUME);	/* the episode is over */
 	ASSERT_EQ(site_conn_limit(s), 5);
 
 	/* Throttled at 100: half the distance back each step, at most a
@@ -160,7 +161,8 @@ TEST(one_decrease_per_window)
 	ASSERT_EQ(site_conn_limit(s), 2);
 	ASSERT_NEAR(site_rate(s), 25);
 	/* The throttle at +31 s restarted the clean interval too. */
-	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 90 * SEC, 0, NULL), 0);
+	ASSERT_EQ(site_report(s, SITE_SIG_OK, T0 + 90 * SEC, 0, NULL),
+	    SITE_FX_RESUME);
 	site_free(s);
 }
 
@@ -483,7 +485,8 @@ TEST(persist_round_trip)
 	    "421 4.7.0 Try again later, key=value +plus\tTab");
 	site_report(s, SITE_SIG_OK, T0 + 2 * MINUTE, 0, NULL);
 	site_host_down(s, "[2001:db8::1]:25 mx1", T0 + 2 * MINUTE);
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), SITE_FX_DECREASE);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20, T0 + 2 * MINUTE),
+	    SITE_FX_DECREASE);
 	site_serialize(s, &a);
 	ASSERT(strncmp(a.data, "v=1 name=mx.example.com mode=throttled ", 39) == 0);
 	ASSERT(a.data[a.len - 1] == '\n');
@@ -494,7 +497,7 @@ TEST(persist_round_trip)
 	ASSERT_EQ(site_conn_limit(p), 6);
 	ASSERT_NEAR(site_rate(p), 60);
 	ASSERT(site_host_is_down(p, "[2001:db8::1]:25 mx1", T0 + 3 * MINUTE, NULL));
-	ASSERT_EQ(site_msgs_per_conn(p), 20);
+	ASSERT_EQ(site_msgs_per_conn(p, T0 + 3 * MINUTE), 20);
 	buf_reset(&b);
 	site_to_json(p, T0 + 2 * MINUTE, &b);
 	ASSERT(strstr(b.data, "\"last_reply\":\"421 4.7.0 Try again later, "
@@ -709,7 +712,7 @@ TEST(episode_sets_accepted_rate)
 	ASSERT_NEAR(cut, 5);		/* 10/s in use, halved */
 	t += SEC;
 	ASSERT(site_take_token(s2, t, NULL));
-	ASSERT_EQ(site_report(s2, SITE_SIG_OK, t, 0, NULL), 0);
+	ASSERT_EQ(site_report(s2, SITE_SIG_OK, t, 0, NULL), SITE_FX_RESUME);
 	ASSERT_NEAR(site_rate(s2), cut);
 	site_free(s2);
 	site_free(s);
@@ -779,20 +782,42 @@ TEST(learned_messages_per_connection)
 	struct site *s = site_new("a", &l, T0);
 	struct buf b;
 
-	ASSERT_EQ(site_msgs_per_conn(s), 0);
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 0), 0);	/* the first: noise */
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), SITE_FX_DECREASE);
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 25), 0);
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 20), 0);
-	ASSERT_EQ(site_learn_msgs_per_conn(s, 19), SITE_FX_DECREASE);
-	ASSERT_EQ(site_msgs_per_conn(s), 19);
+	ASSERT_EQ(site_msgs_per_conn(s, T0), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 0, T0), 0);	/* no count */
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20, T0), SITE_FX_DECREASE);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 25, T0), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 20, T0), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 19, T0 + HOUR), SITE_FX_DECREASE);
+	ASSERT_EQ(site_msgs_per_conn(s, T0 + HOUR), 19);
+	/* Forgotten 24 h after the last reply that taught it. */
+	ASSERT_EQ(site_msgs_per_conn(s, T0 + 25 * HOUR), 19);
+	ASSERT_EQ(site_msgs_per_conn(s, T0 + 25 * HOUR + 1), 0);
+	ASSERT_EQ(site_learn_msgs_per_conn(s, 30, T0 + 26 * HOUR),
+	    SITE_FX_DECREASE);
+	ASSERT_EQ(site_msgs_per_conn(s, T0 + 26 * HOUR), 30);
 	/* Not a throttle: the limits and the mode stay. */
 	ASSERT_EQ(site_mode(s), SITE_NORMAL);
 	ASSERT_EQ(site_conn_limit(s), 10);
 	buf_init(&b);
-	site_to_json(s, T0, &b);
-	ASSERT(strstr(b.data, "\"msgs_per_conn\":19") != NULL);
+	site_to_json(s, T0 + 26 * HOUR, &b);
+	ASSERT(strstr(b.data, "\"msgs_per_conn\":30") != NULL);
 	buf_free(&b);
+	site_free(s);
+}
+
+/* A greylisted or deferred probe also ends an episode; nothing else. */
+TEST(answer_ends_episode)
+{
+	struct site_limits l = lim_test();
+	struct site *s = site_new("a", &l, T0);
+
+	site_report(s, SITE_SIG_THROTTLE, T0, 0, NULL);
+	ASSERT_EQ(site_answered(s, T0 + 500), 0);	/* sent before the hold */
+	ASSERT_EQ(site_may_connect(s, 1, T0 + SEC, NULL), SITE_LIMIT_PROBE);
+	ASSERT_EQ(site_answered(s, T0 + SEC), SITE_FX_RESUME);
+	ASSERT_EQ(site_may_connect(s, 1, T0 + SEC, NULL), 0);
+	ASSERT_EQ(site_answered(s, T0 + 2 * SEC), 0);	/* no episode now */
+	ASSERT_EQ(site_conn_limit(s), 5);		/* no increase */
 	site_free(s);
 }
 
@@ -1138,6 +1163,7 @@ TEST_MAIN("site",
     TEST_ENTRY(episode_sets_accepted_rate),
     TEST_ENTRY(held_time_not_in_use),
     TEST_ENTRY(connection_rate),
+    TEST_ENTRY(answer_ends_episode),
     TEST_ENTRY(learned_messages_per_connection),
     TEST_ENTRY(token_bucket),
     TEST_ENTRY(hosts_down),
