@@ -574,6 +574,21 @@ class RelayD:
     def queue_count(self):
         return self.queue_json()["count"]
 
+    def sites(self):
+        """{site name: its state + "sessions" + "waiting"} from
+        relayctl sites --json."""
+        out = self.relayctl("sites", "--json")
+        try:
+            js = json.loads(out)
+        except ValueError as e:
+            fail("relayctl sites --json is not JSON (%s): %r" % (e, out))
+        res = {}
+        for s in js["sites"]:
+            st = dict(s["state"])
+            st["sessions"], st["waiting"] = s["sessions"], s["waiting"]
+            res[st["name"]] = st
+        return res
+
     def status(self):
         return json.loads(self.relayctl("status"))
 
@@ -942,7 +957,40 @@ def _dns_query(name, qtype=1, qid=0x1234):
     return q + b"\0" + bytes([0, qtype, 0, 1])
 
 
-class Dnsmasq:
+class _Fixture:
+    """What the tests' private processes (Dnsmasq, FakeMX, PrivatePostfix,
+    Postgrey) share: a with-block runs start(), then close() and removes
+    the scratch directory self.dir (kept with RELAY_IT_KEEP=1); the close
+    checks the exit status only when the block ended without an
+    exception. Subclasses give start() and close(check_exit)."""
+
+    dir = None
+
+    def cleanup(self):
+        if self.dir is None:
+            return
+        if os.environ.get("RELAY_IT_KEEP"):
+            print("# kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close(check_exit=False)
+            self.cleanup()
+            raise
+
+    def __exit__(self, et, ev, tb):
+        try:
+            self.close(check_exit=et is None)
+        finally:
+            self.cleanup()
+        return False
+
+
+class Dnsmasq(_Fixture):
     """dnsmasq answering for *.test on 127.0.0.1:<free port>.
 
     records: dnsmasq options, e.g. "--mx-host=a.test,mx1.a.test,10",
@@ -1066,29 +1114,9 @@ class Dnsmasq:
             with _helpers_lock:
                 _helpers.discard(self)
 
-    def cleanup(self):
-        if os.environ.get("RELAY_IT_KEEP"):
-            print("# kept %s" % self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            self.cleanup()
-            raise
-
-    def __exit__(self, et, ev, tb):
-        try:
-            self.close()
-        finally:
-            self.cleanup()
-        return False
 
 
-class FakeMX:
+class FakeMX(_Fixture):
     """build/fake-mx with named listeners that all share ONE port (relayd's
     delivery.port is a single number), e.g.
 
@@ -1301,26 +1329,6 @@ class FakeMX:
                       tail(log, 40))
             eq(rc, 0, "fake-mx exit status (stderr %r)" % log[-500:])
 
-    def cleanup(self):
-        if os.environ.get("RELAY_IT_KEEP"):
-            print("# kept %s" % self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close(check_exit=False)
-            self.cleanup()
-            raise
-
-    def __exit__(self, et, ev, tb):
-        try:
-            self.close(check_exit=et is None)
-        finally:
-            self.cleanup()
-        return False
 
 
 # ---------------------------------------------------------------------------
@@ -1351,6 +1359,13 @@ def log_events(log, what):
         d["id"] = m.group(1)
         out.append(d)
     return out
+
+
+def site_lines(log, name):
+    """relayd's 'site NAME ...' lines (decrease, increase, suspension,
+    hold, resume, mode change), without the prefix."""
+    rx = re.compile(r"\]: site " + re.escape(name) + r" (.*)$")
+    return [m.group(1) for m in map(rx.search, log.splitlines()) if m]
 
 
 def dlv_results(log, rcpt=None, status=None):
@@ -1422,7 +1437,7 @@ def _procs_with_env(var, value):
     return pids
 
 
-class PrivatePostfix:
+class PrivatePostfix(_Fixture):
     """A private Postfix (Debian's postfix package) in its own temporary
     directory: etc/ (main.cf, master.cf), queue/, data/, mail/ and the
     log file maillog. smtpd listens on address:port (127.0.0.2.., a free
@@ -1679,28 +1694,6 @@ postlog    unix-dgram n - n - 1 postlogd
                 with _helpers_lock:
                     _helpers.discard(self)
 
-    def cleanup(self):
-        if self.dir is None:
-            return
-        if os.environ.get("RELAY_IT_KEEP"):
-            print("# kept %s" % self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close(check_exit=False)
-            self.cleanup()
-            raise
-
-    def __exit__(self, et, ev, tb):
-        try:
-            self.close(check_exit=et is None)
-        finally:
-            self.cleanup()
-        return False
 
     # -- observation ------------------------------------------------------
     def log(self):
@@ -1752,7 +1745,7 @@ postlog    unix-dgram n - n - 1 postlogd
         return n
 
 
-class Postgrey:
+class Postgrey(_Fixture):
     """postgrey (Debian's package) on 127.0.0.1:<free port>, its database
     in its own directory (writable by user postgrey, to which it drops
     privileges), greylisting for delay seconds, with empty whitelists
@@ -1849,25 +1842,3 @@ class Postgrey:
             with _helpers_lock:
                 _helpers.discard(self)
 
-    def cleanup(self):
-        if self.dir is None:
-            return
-        if os.environ.get("RELAY_IT_KEEP"):
-            print("# kept %s" % self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close(check_exit=False)
-            self.cleanup()
-            raise
-
-    def __exit__(self, et, ev, tb):
-        try:
-            self.close(check_exit=et is None)
-        finally:
-            self.cleanup()
-        return False

@@ -35,7 +35,6 @@ Python 3.11 standard library only. Run alone with
     tests/run integration tests/integration/test_postfix_receiver.py
 """
 import collections
-import json
 import re
 import smtplib
 import time
@@ -100,26 +99,6 @@ def submit(d, items):
             c.close()
 
 
-def sites(d):
-    out = d.relayctl("sites", "--json")
-    try:
-        js = json.loads(out)
-    except ValueError as e:
-        fail("relayctl sites --json is not JSON (%s): %r" % (e, out))
-    res = {}
-    for s in js["sites"]:
-        st = dict(s["state"])
-        st["sessions"], st["waiting"] = s["sessions"], s["waiting"]
-        res[st["name"]] = st
-    return res
-
-
-def site_lines(log, name):
-    """relayd's 'site NAME ...' lines (decrease, increase, hold, ...)."""
-    rx = re.compile(r"\]: site " + re.escape(name) + r" (.*)$")
-    return [m.group(1) for m in map(rx.search, log.splitlines()) if m]
-
-
 STUCK = "its outcome is being written to the spool"
 
 
@@ -152,7 +131,7 @@ def wait_drained(d, pf, n, timeout):
         if time.monotonic() > deadline:
             break
         if i % 5 == 4:
-            s = sites(d).get(SITE)
+            s = d.sites().get(SITE)
             now = unscheduled(d) if s and s["sessions"] == 0 else {}
             if now and now == lost:
                 if time.monotonic() - lost_since >= 4:
@@ -273,11 +252,11 @@ def test_anvil_message_rate_limit():
         eq(other, [], "outcomes other than sent/throttled/requeued")
 
         # The site was cut by the reply and says so.
-        decs = [x for x in site_lines(log, SITE) if " decrease" in x]
+        decs = [x for x in L.site_lines(log, SITE) if " decrease" in x]
         check(any("too much mail from 127.0.0.1" in x for x in decs),
               "no 'site %s ... decrease' line with the 450 reply; site "
-              "lines: %s" % (SITE, site_lines(log, SITE)))
-        s = sites(d).get(SITE)
+              "lines: %s" % (SITE, L.site_lines(log, SITE)))
+        s = d.sites().get(SITE)
         check(s is not None, "no site %s in relayctl sites" % SITE)
         eq(s["last_signal"], "throttle", "last signal of %s" % SITE)
         check(s["recent"]["throttle"] >= 1, "recent.throttle %r" %
@@ -343,12 +322,12 @@ def test_anvil_connection_count_limit():
                 eq(r["attempt"], "1", "attempt of %s's delivery" %
                    r["rcpt"])
 
-        decs = [x for x in site_lines(log, SITE) if " decrease" in x]
+        decs = [x for x in L.site_lines(log, SITE) if " decrease" in x]
         check(any("too many connections from 127.0.0.1" in x
                   for x in decs),
               "no 'site %s ... decrease' line with the 421 reply; site "
-              "lines: %s" % (SITE, site_lines(log, SITE)))
-        s = sites(d).get(SITE)
+              "lines: %s" % (SITE, L.site_lines(log, SITE)))
+        s = d.sites().get(SITE)
         check(s is not None, "no site %s in relayctl sites" % SITE)
         eq(s["last_signal"], "throttle", "last signal of %s" % SITE)
         eq(s["recent"]["conn_fail"], 0,
@@ -420,8 +399,8 @@ def test_postgrey_greylisting():
                       m["subject"], m["rcpt"], xg and xg.group(0)))
 
         # Greylisting is not a rate signal.
-        eq(site_lines(log, SITE), [], "site lines for %s" % SITE)
-        s = sites(d).get(SITE)
+        eq(L.site_lines(log, SITE), [], "site lines for %s" % SITE)
+        s = d.sites().get(SITE)
         check(s is not None, "no site %s in relayctl sites" % SITE)
         eq((s["mode"], s["conn"], s["last_signal"], s["recent"]["throttle"],
             s["recent"]["conn_fail"]),

@@ -25,9 +25,7 @@ Python 3.11 standard library only. Run alone with
     BUILD=build tests/run integration tests/integration/test_throttle.py
 """
 import collections
-import json
 import os
-import re
 import shutil
 import signal
 import smtplib
@@ -96,23 +94,8 @@ def submit(d, items):
             c.close()
 
 
-def sites(d):
-    """{site name: state dict + "sessions" + "waiting"} from relayctl."""
-    out = d.relayctl("sites", "--json")
-    try:
-        js = json.loads(out)
-    except ValueError as e:
-        fail("relayctl sites --json is not JSON (%s): %r" % (e, out))
-    res = {}
-    for s in js["sites"]:
-        st = dict(s["state"])
-        st["sessions"], st["waiting"] = s["sessions"], s["waiting"]
-        res[st["name"]] = st
-    return res
-
-
 def site(d, name):
-    return sites(d).get(name)
+    return d.sites().get(name)
 
 
 def wait_site(d, name, pred, timeout, what):
@@ -125,13 +108,6 @@ def wait_results(d, rcpt, status, n=1, timeout=15.0):
         lambda: (lambda rs: rs if len(rs) >= n else None)(
             L.dlv_results(d.read_log(), rcpt, status)),
         timeout, 0.05, "%d dlv result rcpt=%s status=%s" % (n, rcpt, status))
-
-
-def site_lines(log, name):
-    """The 'site NAME ...' lines relayd logs on a decrease, increase,
-    suspension, hold or mode change."""
-    rx = re.compile(r"\]: site " + re.escape(name) + r" (.*)$")
-    return [m.group(1) for m in map(rx.search, log.splitlines()) if m]
 
 
 def short(state):
@@ -259,7 +235,7 @@ def test_rate_limited_receiver_delivers_all_once():
                      {k: other[0].get(k) for k in ("status", "code",
                                                    "reply", "class",
                                                    "rule")}))
-        decs = [x for x in site_lines(log, "mx.thr.test")
+        decs = [x for x in L.site_lines(log, "mx.thr.test")
                 if " decrease" in x]
         bad = [x for x in decs if x.endswith('reply=""')]
         check(not bad,
@@ -305,7 +281,7 @@ def _assert_site_not_slowed(d, name):
     eq((s["hold_until"], s["last_signal"], s["recent"]["throttle"],
         s["recent"]["conn_fail"]), (None, None, 0, 0),
        "greylisting site %s: hold, last signal, throttles, failures" % name)
-    eq(site_lines(d.read_log(), name), [], "site lines for %s" % name)
+    eq(L.site_lines(d.read_log(), name), [], "site lines for %s" % name)
     return s
 
 
@@ -841,7 +817,7 @@ def test_idle_session_is_not_a_connection_failure():
                      "both sessions closed")
         eq(len(mx.records("connect")), 2, "sessions opened")
         s = site(d, "mx.idle.test")
-        lines = site_lines(d.read_log(), "mx.idle.test")
+        lines = L.site_lines(d.read_log(), "mx.idle.test")
         check(not lines and s["mode"] == "normal" and
               s["conn"] == s["conn_max"],
               "DAEMON BUG: a session that connected, was greeted and "
